@@ -1,0 +1,373 @@
+"""``RandomLayerTokenDrop``: run a layer on a random, sorted subset of the tokens.
+
+In training, with a reserved length ``r`` below the sequence length ``S``, the wrapper
+
+1. draws ``r`` sorted positions per sample (:mod:`random_ltd_cli.sampling`);
+2. gathers the hidden states ``[B,S,H] -> [B,r,H]`` (or ``[S,B,H] -> [r,B,H]``) and every
+   sequence-aligned argument with the same indices: attention masks, ``position_ids``,
+   rotary ``position_embeddings`` (:mod:`random_ltd_cli.tokens`); a key/value cache is
+   passed as ``None`` and ``use_cache=False``;
+3. calls the wrapped layer, with its arguments in the shape they came (positional stays
+   positional, keyword stays keyword);
+4. scatters element 0 of the output back into a copy of the input; the other
+   ``S - r`` tokens leave the layer exactly as they entered it.
+
+Otherwise (eval mode, no reserved length, ``r >= S``) it calls the wrapped layer with the
+very same arguments, so the output is bitwise identical to the unwrapped layer's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ConversionError, InputError
+from .keys import SEGMENT
+from .sampling import TokenSampler
+from .tokens import (
+    flat_index,
+    gather_mask,
+    gather_position_embeddings,
+    gather_position_ids,
+    gather_tokens,
+    scatter_tokens,
+)
+
+__all__ = ["HIDDEN_NAMES", "MASK_NAMES", "RandomLayerTokenDrop"]
+
+HIDDEN_NAMES = ("hidden_states", "hidden_state", "hidden", "x", "src", "tgt", "inputs", "input", "h")
+MASK_NAMES = (
+    "attention_mask", "attn_mask", "mask", "src_mask", "src_key_padding_mask", "key_padding_mask", "padding_mask"
+)
+POSITION_ID_NAMES = ("position_ids",)
+POSITION_EMBEDDING_NAMES = ("position_embeddings",)
+CACHE_NAMES = ("past_key_value", "past_key_values", "cache", "layer_past")
+# Keyword arguments that describe packed (varlen) flash-attention batches: their boundaries
+# are in token counts, which dropping would invalidate.
+PACKED_NAMES = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "cu_seqlens_q", "cu_seqlens_k")
+
+
+class ReservedLength(Protocol):
+    """Anything with DeepSpeed's scheduler method (e.g. :class:`~random_ltd_cli.RandomLTDScheduler`)."""
+
+    def get_current_seq(self) -> int: ...
+
+
+class _Arguments:
+    """A view of one call's ``*args, **kwargs`` by parameter name that keeps their shape."""
+
+    def __init__(self, positional_names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._names = positional_names
+        self.args = list(args)
+        self.kwargs = dict(kwargs)
+
+    def _position(self, name: str) -> int | None:
+        try:
+            i = self._names.index(name)
+        except ValueError:
+            return None
+        return i if i < len(self.args) else None
+
+    def has(self, name: str) -> bool:
+        return self._position(name) is not None or name in self.kwargs
+
+    def get(self, name: str, default: Any = None) -> Any:
+        i = self._position(name)
+        if i is not None:
+            return self.args[i]
+        return self.kwargs.get(name, default)
+
+    def set(self, name: str, value: Any) -> None:
+        i = self._position(name)
+        if i is not None:
+            self.args[i] = value
+        else:
+            self.kwargs[name] = value
+
+
+class RandomLayerTokenDrop(nn.Module):
+    """Wrap ``layer`` so that, in training, it processes only ``r`` random sorted tokens per sample.
+
+    The wrapped layer is kept as the attribute ``random_ltd_layer`` (checkpoint keys read
+    ``prefix.random_ltd_layer.rest``, as in DeepSpeed). Attribute reads the wrapper does not
+    have fall through to the wrapped layer.
+
+    Args:
+        layer: the transformer layer. Its forward takes the hidden states (``[B,S,H]``, or
+            ``[S,B,H]`` with ``batch_first=False``) and returns them (or a tuple whose element
+            0 they are).
+        scheduler: an object with ``get_current_seq()`` giving ``r`` (a :class:`RandomLTDScheduler`).
+        reserved_length: a fixed ``r`` instead of a scheduler.
+        batch_first: layout of the hidden states.
+        hidden_name: the forward parameter holding the hidden states (default: found by name,
+            else the first parameter).
+        mask_names: forward parameters holding attention masks (default: the usual names in
+            the signature, e.g. ``attention_mask``).
+        keep_prefix: always keep the first ``k`` tokens (e.g. ``[CLS]``).
+        keep_document_starts: when ``position_ids`` are passed, always keep tokens whose
+            position is 0 (the start of each packed document; for an unpacked sequence, its
+            first token), so document boundaries survive dropping.
+        seed, generator: see :class:`~random_ltd_cli.sampling.TokenSampler`.
+        layer_id: index of this layer among the wrapped ones (mixed into ``seed``).
+        on_unsupported: ``"error"`` (default) raises :class:`InputError` on an argument that
+            cannot be gathered (e.g. a flex-attention ``BlockMask``); ``"passthrough"`` runs
+            that call on all tokens instead.
+
+    Raises:
+        ConfigError: a setting that cannot work (``reserved_length <= 0``, a mask name the
+            forward does not accept, ``keep_prefix < 0``...).
+        ConversionError: ``layer`` is not a module or has no hidden-state argument, or is
+            already wrapped.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        scheduler: ReservedLength | None = None,
+        reserved_length: int | None = None,
+        batch_first: bool = True,
+        hidden_name: str | None = None,
+        mask_names: Iterable[str] | None = None,
+        keep_prefix: int = 0,
+        keep_document_starts: bool = True,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        layer_id: int = 0,
+        on_unsupported: Literal["error", "passthrough"] = "error",
+    ) -> None:
+        plan = _plan_arguments(layer, hidden_name, mask_names)
+        _check_settings(reserved_length, keep_prefix, on_unsupported)
+        super().__init__()
+        self.random_ltd_layer = layer
+        self.scheduler = scheduler
+        self.reserved_length = reserved_length
+        self.batch_first = bool(batch_first)
+        self.keep_prefix = int(keep_prefix)
+        self.keep_document_starts = bool(keep_document_starts)
+        self.on_unsupported = on_unsupported
+        self.layer_id = int(layer_id)
+        self.sampler = TokenSampler(seed, generator=generator, layer_id=layer_id)
+        self._positional_names, self._hidden_name, self._mask_names, self._accepts_kwargs, self._params = plan
+        self.register_load_state_dict_pre_hook(_accept_plain_keys)
+
+    # -- configuration -------------------------------------------------------------------
+
+    def current_reserved_length(self) -> int | None:
+        """``r`` for the next call: the fixed value, else the scheduler's, else ``None``."""
+        if self.reserved_length is not None:
+            return int(self.reserved_length)
+        if self.scheduler is not None:
+            return int(self.scheduler.get_current_seq())
+        return None
+
+    def extra_repr(self) -> str:
+        r = self.reserved_length if self.reserved_length is not None else (
+            "scheduler" if self.scheduler is not None else None)
+        return f"reserved_length={r}, batch_first={self.batch_first}, layer_id={self.layer_id}"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == SEGMENT or name.startswith("__"):
+                raise
+            inner = self._modules.get(SEGMENT)
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        layer = self.random_ltd_layer
+        keep = self.current_reserved_length() if self.training else None
+        if keep is None:
+            return layer(*args, **kwargs)
+        call = _Arguments(self._positional_names, args, kwargs)
+        hidden = call.get(self._hidden_name)
+        batch, seq_len = self._shape(hidden)
+        if keep >= seq_len:
+            return layer(*args, **kwargs)
+        try:
+            priority = self._priority(call, batch, seq_len, keep, hidden.device)
+            idx = self.sampler(hidden, batch, seq_len, keep, priority)  # (B, r) sorted
+            self._gather_arguments(call, idx, seq_len)
+        except InputError:
+            if self.on_unsupported == "passthrough":
+                return layer(*args, **kwargs)
+            raise
+        flat = flat_index(idx, seq_len, self.batch_first)
+        call.set(self._hidden_name, gather_tokens(hidden, flat, keep, self.batch_first))
+        out = self._call_without_post_hooks(layer, call)
+        out = self._scatter_output(hidden, out, flat)
+        return self._run_post_hooks(layer, args, kwargs, out)
+
+    def _shape(self, hidden: Any) -> tuple[int, int]:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            layout = "[B,S,H]" if self.batch_first else "[S,B,H]"
+            raise InputError(
+                f"random-LTD expected the hidden states {self._hidden_name!r} as a 3-D tensor {layout}, got {got}; "
+                "pass hidden_name= to name the right argument, or batch_first= to fix the layout."
+            )
+        if self.batch_first:
+            return int(hidden.shape[0]), int(hidden.shape[1])
+        return int(hidden.shape[1]), int(hidden.shape[0])
+
+    def _priority(
+        self, call: _Arguments, batch: int, seq_len: int, keep: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if keep <= 0:
+            raise InputError(f"reserved length r={keep} must be positive; check the scheduler's min_value.")
+        if self.keep_prefix > keep:
+            raise InputError(
+                f"keep_prefix={self.keep_prefix} tokens cannot fit in the reserved length r={keep}; "
+                "lower keep_prefix or raise the schedule's min_value."
+            )
+        priority = None
+        if self.keep_prefix:
+            priority = torch.zeros(1, seq_len, dtype=torch.bool, device=device)
+            priority[:, : self.keep_prefix] = True
+        if self.keep_document_starts:
+            for name in POSITION_ID_NAMES:
+                pos = call.get(name)
+                if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == seq_len:
+                    starts = pos.to(device) == 0
+                    priority = starts if priority is None else (priority | starts)
+        if priority is not None and priority.shape[0] not in (1, batch):
+            raise InputError(f"position_ids batch size {priority.shape[0]} does not match the hidden states' {batch}.")
+        return priority
+
+    def _gather_arguments(self, call: _Arguments, idx: torch.Tensor, seq_len: int) -> None:
+        for name in PACKED_NAMES:
+            if call.get(name) is not None:
+                raise InputError(
+                    f"the layer was called with {name!r} (packed flash-attention batch); random-LTD cannot drop "
+                    "tokens of packed varlen batches. Pad the batch instead, or use on_unsupported='passthrough'."
+                )
+        for name in self._mask_names:
+            if call.has(name):
+                call.set(name, gather_mask(call.get(name), idx, seq_len, name))
+        for name in POSITION_ID_NAMES:
+            if call.has(name):
+                call.set(name, gather_position_ids(call.get(name), idx, seq_len, name))
+        for name in POSITION_EMBEDDING_NAMES:
+            if call.has(name):
+                call.set(name, gather_position_embeddings(call.get(name), idx, seq_len, name))
+        for name in CACHE_NAMES:
+            if call.has(name):
+                call.set(name, None)
+        if call.has("use_cache") or "use_cache" in self._params:
+            call.set("use_cache", False)
+
+    @staticmethod
+    def _call_without_post_hooks(layer: nn.Module, call: _Arguments) -> Any:
+        # Forward hooks on the wrapped layer (e.g. Hugging Face's output_hidden_states recorders)
+        # must see full-length states: hold them back here and run them after the scatter.
+        hooks = layer._forward_hooks
+        if not hooks:
+            return layer(*call.args, **call.kwargs)
+        layer._forward_hooks = OrderedDict()
+        try:
+            return layer(*call.args, **call.kwargs)
+        finally:
+            layer._forward_hooks = hooks
+
+    @staticmethod
+    def _run_post_hooks(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        for hook_id, hook in list(layer._forward_hooks.items()):
+            if hook_id in layer._forward_hooks_with_kwargs:
+                result = hook(layer, args, kwargs, out)
+            else:
+                result = hook(layer, args, out)
+            if result is not None:
+                out = result
+        return out
+
+    def _scatter_output(self, hidden: torch.Tensor, out: Any, flat: torch.Tensor) -> Any:
+        if isinstance(out, torch.Tensor):
+            return scatter_tokens(hidden, out, flat)
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            first = scatter_tokens(hidden, out[0], flat)
+            if hasattr(out, "_fields"):  # namedtuple
+                return out._replace(**{out._fields[0]: first})  # type: ignore[union-attr]
+            return type(out)([first, *out[1:]])
+        raise InputError(
+            f"the wrapped {type(self.random_ltd_layer).__name__} returned {type(out).__name__}; random-LTD needs a "
+            "tensor or a tuple whose element 0 is the hidden states."
+        )
+
+
+def _plan_arguments(
+    layer: nn.Module, hidden_name: str | None, mask_names: Iterable[str] | None
+) -> tuple[list[str], str, tuple[str, ...], bool, frozenset[str]]:
+    """Read the layer's forward signature: positional order, hidden-state and mask parameters."""
+    if not isinstance(layer, nn.Module):
+        raise ConversionError(f"RandomLayerTokenDrop wraps an nn.Module, got {type(layer).__name__}.")
+    if isinstance(layer, RandomLayerTokenDrop):
+        raise ConversionError(
+            f"this {type(layer.random_ltd_layer).__name__} is already wrapped by RandomLayerTokenDrop; "
+            "wrap each layer once (revert_random_ltd() undoes a conversion)."
+        )
+    try:
+        params = list(inspect.signature(layer.forward).parameters.values())
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"cannot read the forward signature of {type(layer).__name__}: {exc}") from exc
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p.name for p in params if p.kind in kinds]
+    named = [p.name for p in params if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    if hidden_name is None:
+        hidden_name = next((n for n in HIDDEN_NAMES if n in named), positional[0] if positional else None)
+        if hidden_name is None:
+            raise ConversionError(
+                f"{type(layer).__name__}.forward has no recognisable hidden-state argument (signature: "
+                f"{_signature_text(params)}); pass hidden_name= naming the argument that holds [B,S,H] states."
+            )
+    elif hidden_name not in named:
+        raise ConfigError(
+            f"hidden_name={hidden_name!r} is not a parameter of {type(layer).__name__}.forward "
+            f"({_signature_text(params)}); name one of {named}."
+        )
+    if mask_names is None:
+        masks = tuple(n for n in MASK_NAMES if n in named)
+    else:
+        masks = tuple(mask_names)
+        missing = [n for n in masks if n not in named]
+        if missing and not accepts_kwargs:
+            raise ConfigError(
+                f"mask name {missing[0]!r} is not a parameter of {type(layer).__name__}.forward "
+                f"({_signature_text(params)}); set the mask name (DeepSpeed: model_mask_name) to one of {named}."
+            )
+    return positional, hidden_name, masks, accepts_kwargs, frozenset(named)
+
+
+def _check_settings(reserved_length: int | None, keep_prefix: int, on_unsupported: str) -> None:
+    if reserved_length is not None and int(reserved_length) <= 0:
+        raise ConfigError(f"reserved_length={reserved_length} must be a positive number of tokens (or None).")
+    if keep_prefix < 0:
+        raise ConfigError(f"keep_prefix={keep_prefix} must be >= 0.")
+    if on_unsupported not in ("error", "passthrough"):
+        raise ConfigError(f"on_unsupported={on_unsupported!r} must be 'error' or 'passthrough'.")
+
+
+def _signature_text(params: list[inspect.Parameter]) -> str:
+    return "(" + ", ".join(str(p) for p in params)[:200] + ")"
+
+
+def _accept_plain_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+) -> None:
+    """Load-state-dict pre-hook: accept keys without the ``random_ltd_layer`` segment too."""
+    inner_prefix = prefix + SEGMENT + "."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner_prefix)]:
+        new = inner_prefix + key[len(prefix):]
+        if new not in state_dict:
+            state_dict[new] = state_dict.pop(key)
+

@@ -1,0 +1,154 @@
+"""Gather and scatter of hidden states, attention masks and positions by kept indices.
+
+All functions take ``idx``: an ``int64`` tensor ``[B, r]`` of sorted kept positions
+(see :mod:`random_ltd_cli.sampling`). Gathers copy; nothing here modifies its inputs.
+Gradients are exact: a gathered row's gradient flows back to its source row, and
+:func:`scatter_tokens` passes the incoming gradient of dropped rows through unchanged
+while kept rows get the gradient of the layer output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+__all__ = [
+    "flat_index",
+    "gather_mask",
+    "gather_position_embeddings",
+    "gather_position_ids",
+    "gather_tokens",
+    "scatter_tokens",
+]
+
+
+def flat_index(idx: torch.Tensor, seq_len: int, batch_first: bool) -> torch.Tensor:
+    """Row numbers of the kept tokens in the hidden states viewed as ``[B*S, H]`` (or ``[S*B, H]``).
+
+    Batch-first rows are ordered ``(b, j)``; sequence-first rows ``(j, b)``, matching the
+    ``[B, r, H]`` and ``[r, B, H]`` layouts of the gathered tokens.
+    """
+    batch = idx.shape[0]
+    ar = torch.arange(batch, device=idx.device)
+    if batch_first:
+        return (idx + (ar * seq_len)[:, None]).reshape(-1)  # (B*r,)
+    return (idx.t() * batch + ar[None, :]).reshape(-1)  # (r*B,)
+
+
+def gather_tokens(hidden: torch.Tensor, flat: torch.Tensor, keep: int, batch_first: bool) -> torch.Tensor:
+    """``[B,S,H] -> [B,r,H]`` (or ``[S,B,H] -> [r,B,H]``) at the rows ``flat`` from :func:`flat_index`."""
+    b_or_s, s_or_b = hidden.shape[0], hidden.shape[1]
+    rows = hidden.reshape(b_or_s * s_or_b, *hidden.shape[2:]).index_select(0, flat)
+    if batch_first:
+        return rows.view(b_or_s, keep, *hidden.shape[2:])
+    return rows.view(keep, s_or_b, *hidden.shape[2:])
+
+
+def scatter_tokens(hidden: torch.Tensor, kept_out: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """A copy of ``hidden`` whose kept rows (``flat``) are replaced by ``kept_out``.
+
+    ``hidden``: the layer input ``[B,S,H]`` / ``[S,B,H]``; ``kept_out``: the layer output on the
+    kept tokens ``[B,r,H]`` / ``[r,B,H]``. If the layer changed the dtype (autocast), the
+    dropped tokens are cast to the output dtype, as the layer's own output would be.
+    """
+    if kept_out.shape[2:] != hidden.shape[2:]:
+        raise InputError(
+            f"the wrapped layer returned hidden states of shape {tuple(kept_out.shape)} for input "
+            f"{tuple(hidden.shape)}: random-LTD needs a layer whose output has the input's feature size; "
+            "wrap only layers that keep the hidden size."
+        )
+    base = hidden if hidden.dtype == kept_out.dtype else hidden.to(kept_out.dtype)
+    lead = hidden.shape[0] * hidden.shape[1]
+    out = base.reshape(lead, *hidden.shape[2:]).index_copy(0, flat, kept_out.reshape(-1, *hidden.shape[2:]))
+    return out.view(hidden.shape)
+
+
+def _expand_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise InputError(
+        f"{what} has batch size {t.shape[0]} but the hidden states have batch size {batch}; pass a "
+        f"{what} with batch size {batch} or 1 (or check the layer's batch_first setting)."
+    )
+
+
+def gather_mask(mask: Any, idx: torch.Tensor, seq_len: int, name: str = "attention_mask") -> Any:
+    """Gather an attention mask to the kept tokens, keeping its dtype.
+
+    Supported forms (``B`` may be 1 and is expanded):
+
+    * ``None`` -> ``None`` (a causal mask among sorted kept tokens is still causal);
+    * ``[B, S]`` key-padding mask -> ``[B, r]``;
+    * ``[B, S, S]`` -> ``[B, r, r]``;
+    * ``[B, h, S, S]`` -> ``[B, h, r, r]`` (rows and columns);
+    * ``[B, h, 1, S]`` -> ``[B, h, 1, r]`` (last dim only).
+
+    Raises:
+        InputError: any other object (e.g. a flex-attention ``BlockMask``) or shape.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise InputError(
+            f"cannot gather {name} of type {type(mask).__name__}: random-LTD gathers tensor masks of shape "
+            "[B,S], [B,S,S], [B,h,S,S] or [B,h,1,S]. Use an attention implementation that passes tensor masks "
+            "(e.g. attn_implementation='sdpa' or 'eager'), or create the layer with on_unsupported='passthrough' "
+            "to run such calls without dropping."
+        )
+    batch, keep = idx.shape
+    if mask.dim() == 2 and mask.shape[1] == seq_len:
+        mask = _expand_batch(mask, batch, name)
+        return mask.gather(1, idx)
+    if mask.dim() in (3, 4) and mask.shape[-1] == seq_len and mask.shape[-2] in (1, seq_len):
+        squeeze = mask.dim() == 3
+        m = mask.unsqueeze(1) if squeeze else mask
+        m = _expand_batch(m, batch, name)
+        heads = m.shape[1]
+        if m.shape[2] == seq_len:  # rows are queries: keep the kept ones
+            m = m.gather(2, idx[:, None, :, None].expand(batch, heads, keep, seq_len))
+        m = m.gather(3, idx[:, None, None, :].expand(batch, heads, m.shape[2], keep))
+        return m.squeeze(1) if squeeze else m
+    raise InputError(
+        f"cannot gather {name} of shape {tuple(mask.shape)} for sequence length {seq_len}: expected "
+        f"[B,{seq_len}], [B,{seq_len},{seq_len}], [B,h,{seq_len},{seq_len}] or [B,h,1,{seq_len}]. "
+        "A key/value cache makes the mask longer than the sequence: train without a cache."
+    )
+
+
+def gather_position_ids(position_ids: Any, idx: torch.Tensor, seq_len: int, name: str = "position_ids") -> Any:
+    """``[1|B, S] -> [B, r]``: kept tokens keep their original positions. ``None`` stays ``None``."""
+    if position_ids is None:
+        return None
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[1] != seq_len:
+        shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise InputError(
+            f"cannot gather {name} of shape {shape}: expected a tensor of shape [B,{seq_len}] or [1,{seq_len}]."
+        )
+    return _expand_batch(position_ids, idx.shape[0], name).gather(1, idx)
+
+
+def gather_position_embeddings(
+    embeddings: Any, idx: torch.Tensor, seq_len: int, name: str = "position_embeddings"
+) -> Any:
+    """Rotary ``(cos, sin)`` each ``[1|B, S, D] -> [B, r, D]``. ``None`` stays ``None``."""
+    if embeddings is None:
+        return None
+    if isinstance(embeddings, torch.Tensor):
+        return _gather_rows(embeddings, idx, seq_len, name)
+    if isinstance(embeddings, (tuple, list)):
+        return type(embeddings)(_gather_rows(e, idx, seq_len, name) for e in embeddings)
+    raise InputError(f"cannot gather {name} of type {type(embeddings).__name__}: expected (cos, sin) tensors.")
+
+
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor, seq_len: int, name: str) -> torch.Tensor:
+    if t.dim() != 3 or t.shape[1] != seq_len:
+        raise InputError(
+            f"cannot gather {name} of shape {tuple(t.shape)}: expected [B,{seq_len},D] or [1,{seq_len},D]."
+        )
+    t = _expand_batch(t, idx.shape[0], name)
+    return t.gather(1, idx[:, :, None].expand(idx.shape[0], idx.shape[1], t.shape[2]))
