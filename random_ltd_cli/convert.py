@@ -1,0 +1,320 @@
+"""Model conversion: find a model's transformer layers, wrap them in place, unwrap them, rename state dicts.
+
+``convert_to_random_ltd`` validates everything before it touches the model: if any check
+fails, the model is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from .errors import ConfigError, ConversionError
+from .keys import SEGMENT, rename_keys, strip_key
+from .layer import RandomLayerTokenDrop, ReservedLength
+
+__all__ = [
+    "convert_to_random_ltd",
+    "find_layer_stack",
+    "parse_layer_spec",
+    "random_ltd_layers",
+    "remove_random_ltd_state_dict",
+    "revert_random_ltd",
+    "save_without_random_ltd",
+    "select_layers",
+]
+
+LayerSpec = str | int | Sequence[int] | range
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model inside ``DataParallel`` / ``DistributedDataParallel`` (or the model itself)."""
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, parallel):
+        model = model.module
+    return model
+
+
+def random_ltd_layers(model: nn.Module) -> list[tuple[str, RandomLayerTokenDrop]]:
+    """The wrapped layers of ``model`` as ``(qualified name, wrapper)`` pairs, in module order."""
+    return [(n, m) for n, m in unwrap_parallel(model).named_modules() if isinstance(m, RandomLayerTokenDrop)]
+
+
+def find_layer_stack(model: nn.Module) -> tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]:
+    """Find the model's stack of transformer layers: the repeated class in its largest ``nn.ModuleList``.
+
+    Returns:
+        ``(container name, layer class, [(qualified name, layer), ...])``.
+
+    Raises:
+        ConversionError: no ``ModuleList`` (or ``Sequential``) holds two or more layers of one class.
+    """
+    best: tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(module.named_children())
+        counts = collections.Counter(type(child) for _, child in children)
+        if not counts:
+            continue
+        cls, count = counts.most_common(1)[0]
+        if count < 2 or cls in (nn.ModuleList, nn.Sequential):
+            continue
+        members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls]
+        params = sum(p.numel() for _, c in members for p in c.parameters())
+        rank = (int(isinstance(module, nn.ModuleList)), count, params)
+        if best is None or rank > best[0]:
+            best = (rank, name, cls, members)
+    if best is None:
+        raise ConversionError(
+            "could not find a stack of transformer layers (an nn.ModuleList of repeated layers) in "
+            f"{type(model).__name__}; {_candidates_text(model)}. Pass layer_type= or filter_fn= to choose the layers."
+        )
+    return best[1], best[2], best[3]
+
+
+def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
+    """Normalise a layer selection: ``"middle"``, ``"all"``, ``"1-10"``, ``"1,3,5"``, an int, a list or range.
+
+    Ranges in strings are inclusive (``"1-3"`` is layers 1, 2 and 3).
+
+    Raises:
+        ConfigError: the text is none of these forms.
+    """
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("middle", "all"):
+            return text
+        out: list[int] = []
+        for part in text.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*|\s*(-?\d+)\s*", part)
+            if match is None or (match.group(1) is not None and int(match.group(2)) < int(match.group(1))):
+                raise ConfigError(
+                    f"layers={spec!r} is not a layer selection: use 'middle', 'all', a range such as '1-10' "
+                    "or a list such as '1,3,5' (indices among the matched layers)."
+                )
+            if match.group(1) is not None:
+                out.extend(range(int(match.group(1)), int(match.group(2)) + 1))
+            else:
+                out.append(int(match.group(3)))
+        return out
+    if isinstance(spec, bool):
+        raise ConfigError(f"layers={spec!r} is not a layer selection.")
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, (range, Sequence)):
+        values = list(spec)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"layers={spec!r} must hold integer indices among the matched layers.")
+        return values
+    raise ConfigError(f"layers={spec!r} is not a layer selection: use 'middle', 'all', an int, a list or a range.")
+
+
+def select_layers(candidates: Sequence[tuple[str, nn.Module]], layers: LayerSpec) -> list[int]:
+    """Indices into ``candidates`` chosen by ``layers`` (see :func:`parse_layer_spec`).
+
+    ``"middle"`` is every layer but the first and the last, as the paper recommends.
+    """
+    spec = parse_layer_spec(layers)
+    n = len(candidates)
+    if spec == "all":
+        return list(range(n))
+    if spec == "middle":
+        if n < 3:
+            raise ConversionError(
+                f"layers='middle' selects nothing: only {n} matching layer(s) were found, and the first and the "
+                "last always see every token. Use layers='all' or explicit indices."
+            )
+        return list(range(1, n - 1))
+    assert not isinstance(spec, str)
+    chosen: list[int] = []
+    for i in spec:
+        if not -n <= i < n:
+            kind = type(candidates[0][1]).__name__ if candidates else "layer"
+            raise ConversionError(
+                f"layer index {i} is out of range: the model has {n} matching layers ({kind}) at indices 0..{n - 1}."
+            )
+        j = i % n
+        if j not in chosen:
+            chosen.append(j)
+    if not chosen:
+        raise ConversionError(f"layers={layers!r} selects no layer.")
+    return sorted(chosen)
+
+
+def convert_to_random_ltd(
+    model: nn.Module,
+    layer_type: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
+    *,
+    layers: LayerSpec = "middle",
+    filter_fn: FilterFn | None = None,
+    scheduler: ReservedLength | None = None,
+    batch_first: bool | None = None,
+    seed: int | None = None,
+    reserved_length: int | None = None,
+    hidden_name: str | None = None,
+    mask_names: Iterable[str] | None = None,
+    keep_prefix: int = 0,
+    keep_document_starts: bool = True,
+    on_unsupported: str = "error",
+) -> nn.Module:
+    """Wrap the chosen layers of ``model`` in :class:`RandomLayerTokenDrop`, in place.
+
+    Args:
+        model: any ``nn.Module`` (``DataParallel``/``DistributedDataParallel`` are unwrapped).
+        layer_type: the layer class (or tuple of classes) to wrap. ``None`` finds the model's
+            stack of transformer layers (the repeated class in its largest ``nn.ModuleList``).
+        layers: which of the matched layers to wrap: ``"middle"`` (all but the first and the
+            last), ``"all"``, indices (list, range, ``"1-10"``, ``"1,3,5"``).
+        filter_fn: ``(module, qualified_name) -> bool`` to restrict (or, without
+            ``layer_type``, define) the matched layers.
+        scheduler: gives the reserved length (``get_current_seq()``); shared by all layers.
+        batch_first: layout of the hidden states; ``None`` reads the layer's own
+            ``batch_first`` attribute when it has one, else assumes ``[B,S,H]``.
+        seed: ``None`` samples from the global RNG; an int gives each layer a private
+            generator (identical indices on every rank with the same seed).
+        reserved_length, hidden_name, mask_names, keep_prefix, keep_document_starts,
+        on_unsupported: passed to every :class:`RandomLayerTokenDrop`.
+
+    Returns:
+        ``model`` itself, converted.
+
+    Raises:
+        ConversionError: no layer matches, an index is out of range, a layer has no
+            hidden-state argument, or the model is already converted. The model is unchanged.
+        ConfigError: a setting that cannot work.
+    """
+    root = unwrap_parallel(model)
+    existing = random_ltd_layers(root)
+    if existing:
+        names = ", ".join(n or "<root>" for n, _ in existing[:4])
+        raise ConversionError(
+            f"{type(root).__name__} is already converted ({len(existing)} random-LTD layers: {names}"
+            f"{', ...' if len(existing) > 4 else ''}); call revert_random_ltd(model) first to convert it again."
+        )
+    candidates = _match(root, layer_type, filter_fn)
+    chosen = select_layers(candidates, layers)
+    wrappers: list[tuple[str, RandomLayerTokenDrop]] = []
+    for layer_id, i in enumerate(chosen):
+        name, layer = candidates[i]
+        bf = batch_first if batch_first is not None else _layer_batch_first(layer)
+        try:
+            wrapper = RandomLayerTokenDrop(
+                layer, scheduler=scheduler, reserved_length=reserved_length, batch_first=bf,
+                hidden_name=hidden_name, mask_names=mask_names, keep_prefix=keep_prefix,
+                keep_document_starts=keep_document_starts, seed=seed, layer_id=layer_id,
+                on_unsupported=on_unsupported,  # type: ignore[arg-type]
+            )
+        except (ConversionError, ConfigError) as exc:
+            raise type(exc)(f"cannot wrap {name!r}: {exc}") from None
+        wrappers.append((name, wrapper))
+    for name, wrapper in wrappers:  # every check passed: now mutate
+        _set_submodule(root, name, wrapper)
+    return model
+
+
+def revert_random_ltd(model: nn.Module) -> nn.Module:
+    """Unwrap every random-LTD layer in place; the layers (and their parameters) are the same objects.
+
+    A model with no random-LTD layers is returned unchanged.
+    """
+    root = unwrap_parallel(model)
+    for name, wrapper in random_ltd_layers(root):
+        inner = wrapper.random_ltd_layer
+        if name:
+            _set_submodule(root, name, inner)
+        else:
+            raise ConversionError(
+                "the model itself is a RandomLayerTokenDrop; use model.random_ltd_layer to get the wrapped layer."
+            )
+    return model
+
+
+def remove_random_ltd_state_dict(state_dict: Mapping[str, Any]) -> collections.OrderedDict[str, Any]:
+    """Rename keys by removing the whole ``random_ltd_layer`` segment; values and order kept, nothing deleted.
+
+    ``a.random_ltd_layer.w -> a.w``; ``a.random_ltd_layers.w`` and ``a.my_random_ltd_layer.w`` are untouched.
+    The torch ``_metadata`` attribute of a state dict is renamed alike.
+
+    Raises:
+        KeyCollisionError: two keys would become one (e.g. both ``a.w`` and ``a.random_ltd_layer.w``).
+    """
+    names = rename_keys(state_dict.keys())
+    out = collections.OrderedDict((names[k], v) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
+            (strip_key(k) if k else k, v) for k, v in metadata.items() if k != SEGMENT
+        )
+    return out
+
+
+def save_without_random_ltd(model: nn.Module) -> collections.OrderedDict[str, Any]:
+    """The model's state dict with plain (unwrapped) keys, as if it had never been converted."""
+    return remove_random_ltd_state_dict(unwrap_parallel(model).state_dict())
+
+
+# -- private helpers -----------------------------------------------------------------------
+
+
+def _match(
+    root: nn.Module,
+    layer_type: type[nn.Module] | tuple[type[nn.Module], ...] | None,
+    filter_fn: FilterFn | None,
+) -> list[tuple[str, nn.Module]]:
+    if layer_type is None and filter_fn is None:
+        return find_layer_stack(root)[2]
+    if layer_type is not None:
+        types = layer_type if isinstance(layer_type, tuple) else (layer_type,)
+        if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+            raise ConfigError(f"layer_type={layer_type!r} must be an nn.Module subclass or a tuple of them.")
+    matched: list[tuple[str, nn.Module]] = []
+    for name, module in root.named_modules():
+        if not name or any(name.startswith(m + ".") for m, _ in matched):
+            continue  # the model itself, or inside an already matched layer: keep the outermost
+        if layer_type is not None and not isinstance(module, layer_type):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        matched.append((name, module))
+    if not matched:
+        what = f"layer_type={_type_names(layer_type)}" if layer_type is not None else "filter_fn"
+        if layer_type is not None and filter_fn is not None:
+            what += " and filter_fn"
+        raise ConversionError(f"no layer of {type(root).__name__} matches {what}; {_candidates_text(root)}.")
+    return matched
+
+
+def _layer_batch_first(layer: nn.Module) -> bool:
+    """The layout a layer declares (``nn.TransformerEncoderLayer`` keeps it on its attention), else ``True``."""
+    for owner in (layer, getattr(layer, "self_attn", None)):
+        value = getattr(owner, "batch_first", None)
+        if isinstance(value, bool):
+            return value
+    return True
+
+
+def _type_names(layer_type: Any) -> str:
+    types = layer_type if isinstance(layer_type, tuple) else (layer_type,)
+    return ", ".join(t.__name__ for t in types)
+
+
+def _candidates_text(model: nn.Module) -> str:
+    counts = collections.Counter(
+        type(m).__name__ for m in model.modules() if not isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
+    )
+    repeated = [(n, c) for n, c in counts.most_common() if c >= 2][:8]
+    if not repeated:
+        return "the model has no repeated module classes"
+    return "candidate classes found: " + ", ".join(f"{n} x{c}" for n, c in repeated)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
