@@ -1,0 +1,513 @@
+"""The reserved-length schedule of random-LTD, its layer-token accounting, and the LayerToken LR schedule.
+
+:class:`RandomLTDScheduler` reproduces DeepSpeed's ``fixed_linear`` schedule value for value,
+with DeepSpeed's method names and state-dict keys, so a DeepSpeed checkpoint's scheduler
+state loads here and the other way round. :class:`LayerTokenLRScheduler` drives a learning
+rate from the consumed layer-tokens instead of the step count (Yao et al. 2022, §4).
+
+The schedule, with global step ``g`` (one optimizer step, however many micro-batches)::
+
+    F    = floor((g / require_steps) * (max_value - min_value) + min_value)   # float maths, as DeepSpeed
+    r(g) = min(F - F % seq_per_step, max_value)
+
+``r(0)`` can be below ``min_value`` when ``min_value`` is not a multiple of ``seq_per_step``
+(100, 512, 1000, 16 gives 96): DeepSpeed's rounding, kept on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from .deepspeed_config import (
+    DECAY_TYPES,
+    WARMUP_TYPES,
+    ConfigSource,
+    RandomLTDConfig,
+    check_schedule_settings,
+    read_deepspeed_config,
+    read_layer_token_lr_config,
+)
+from .errors import ConfigError
+
+__all__ = ["STATE_KEYS", "LayerTokenLRScheduler", "RandomLTDScheduler"]
+
+#: The keys of :meth:`RandomLTDScheduler.state_dict`, the same as DeepSpeed's.
+STATE_KEYS: tuple[str, ...] = ("consumed_layer_tokens", "current_steps", "current_value", "min_value", "max_value")
+
+
+def _check_step(name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class RandomLTDScheduler:
+    """How many tokens (``r``) each random-LTD layer keeps, step by step, and the layer-tokens consumed.
+
+    Step it once per optimizer step (global step), at the start of the step, before the forward
+    passes: that is where DeepSpeed's engine calls ``update_seq(global_steps)``. Gradient
+    accumulation does not change this (calling ``update_seq`` again with the same step counts
+    nothing twice)::
+
+        for batch in loader:
+            sched.step()                 # same as sched.update_seq(global_step), global_step = 0, 1, ...
+            loss = model(batch).loss     # layers read sched.get_current_seq()
+            loss.backward(); optimizer.step(); lr_scheduler.step(); optimizer.zero_grad()
+
+    State (DeepSpeed's): ``current_value`` starts at ``min_value``, ``current_steps`` at ``-1``,
+    ``consumed_layer_tokens`` at 0. ``update_seq(g)`` first sets ``current_value = r(g)`` unless it
+    has already reached ``max_value`` (then it stays), and then, only if ``g`` differs from the
+    last step seen, adds ``global_batch_size * (r * random_ltd_layer_num + max_value *
+    (total_layer_num - random_ltd_layer_num))`` to ``consumed_layer_tokens`` and records ``g``.
+
+    Args:
+        min_value: kept tokens at step 0 (before DeepSpeed's rounding), ``>= 1``.
+        max_value: the full sequence length, ``>= min_value``.
+        require_steps: steps over which ``r`` grows from ``min_value`` to ``max_value``, ``>= 1``.
+        seq_per_step: ``r`` is rounded down to a multiple of this (``>= 1``; default 16).
+        total_layer_num: layers of the converted kind in the model (``>= 1``).
+        random_ltd_layer_num: how many of them drop tokens (``0..total_layer_num``).
+        global_batch_size: samples per optimizer step across all ranks (``>= 1``).
+        schedule_type: ``"fixed_linear"`` (the only schedule DeepSpeed implements).
+
+    Raises:
+        ConfigError: a setting that cannot work; the message names it and says what to do.
+    """
+
+    def __init__(
+        self,
+        min_value: int,
+        max_value: int,
+        require_steps: int,
+        seq_per_step: int = 16,
+        *,
+        total_layer_num: int,
+        random_ltd_layer_num: int,
+        global_batch_size: int,
+        schedule_type: str = "fixed_linear",
+    ) -> None:
+        check_schedule_settings(
+            min_value=min_value,
+            max_value=max_value,
+            require_steps=require_steps,
+            seq_per_step=seq_per_step,
+            total_layer_num=total_layer_num,
+            random_ltd_layer_num=random_ltd_layer_num,
+            global_batch_size=global_batch_size,
+            schedule_type=schedule_type,
+        )
+        self.min_value = min_value
+        self.max_value = max_value
+        self.require_steps = require_steps
+        self.seq_per_step = seq_per_step
+        self.total_layer_num = total_layer_num
+        self.random_ltd_layer_num = random_ltd_layer_num
+        self.global_batch_size = global_batch_size
+        self.schedule_type = schedule_type
+        self._current_value = min_value
+        self._current_steps = -1
+        self._consumed = 0
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_config(cls, config: RandomLTDConfig, *, global_batch_size: int | None = None) -> RandomLTDScheduler:
+        """Build from a :class:`~random_ltd_cli.deepspeed_config.RandomLTDConfig` (``enabled`` is not checked)."""
+        batch = global_batch_size if global_batch_size is not None else config.global_batch_size
+        if batch is None:
+            raise ConfigError(
+                f"{config.source}: global_batch_size is unknown: set the top-level train_batch_size in the "
+                "DeepSpeed config, or pass global_batch_size= (samples per optimizer step across all ranks)"
+            )
+        return cls(
+            config.min_value,
+            config.max_value,
+            config.require_steps,
+            config.seq_per_step,
+            total_layer_num=config.total_layer_num,
+            random_ltd_layer_num=config.random_ltd_layer_num,
+            global_batch_size=batch,
+            schedule_type=config.schedule_type,
+        )
+
+    @classmethod
+    def from_deepspeed(
+        cls,
+        cfg: ConfigSource,
+        *,
+        global_batch_size: int | None = None,
+        require_enabled: bool = True,
+    ) -> RandomLTDScheduler:
+        """Build from DeepSpeed's JSON settings.
+
+        Args:
+            cfg: a whole DeepSpeed config dict, its ``data_efficiency``, ``data_routing`` or
+                ``random_ltd`` block, or the path of a JSON file (see
+                :func:`~random_ltd_cli.deepspeed_config.read_deepspeed_config`). Not modified.
+            global_batch_size: overrides the config's top-level ``train_batch_size``.
+            require_enabled: refuse a block whose ``enabled`` is not ``true`` (DeepSpeed would
+                not use random-LTD with it).
+
+        Raises:
+            ConfigError: bad or missing settings, unknown batch size, or a disabled block.
+        """
+        config = read_deepspeed_config(cfg, global_batch_size=global_batch_size)
+        if require_enabled and not config.enabled:
+            raise ConfigError(
+                f"{config.source}: random_ltd.enabled is not true, so DeepSpeed would not use random-LTD: "
+                'set "enabled": true in the random_ltd block, or pass require_enabled=False'
+            )
+        return cls.from_config(config)
+
+    # ------------------------------------------------------------------ the schedule
+
+    def value_at(self, global_step: int) -> int:
+        """``r`` of the ``fixed_linear`` formula at ``global_step`` (pure; the state is not touched).
+
+        It ignores the "stays at max" rule of :meth:`update_seq`; for a run stepped 0, 1, 2, ...
+        the two agree, except that a scheduler with ``min_value == max_value`` never changes.
+        """
+        g = _check_step("global_step", global_step, 0)
+        lo, hi = self.min_value, self.max_value
+        # Same float expression and order as DeepSpeed, so that the floor agrees bit for bit.
+        f = math.floor((float(g) / self.require_steps) * (hi - lo) + lo)
+        return min(f - f % self.seq_per_step, hi)
+
+    def update_seq(self, global_step: int) -> int:
+        """Move to ``global_step`` (DeepSpeed's method): update ``r`` and count the step's layer-tokens.
+
+        ``r`` is recomputed only while it is below ``max_value``; the layer-tokens of a step are
+        counted once, when ``global_step`` differs from the previous call's. Returns ``r``.
+        """
+        g = _check_step("global_step", global_step, 0)
+        if self._current_value < self.max_value:
+            self._current_value = self.value_at(g)
+        if g != self._current_steps:
+            self._consumed += self.layer_tokens_per_step(self._current_value)
+            self._current_steps = g
+        return self._current_value
+
+    def step(self) -> int:
+        """Advance one global step: ``update_seq(current_steps + 1)``; the first call is step 0. Returns ``r``."""
+        return self.update_seq(self._current_steps + 1)
+
+    def get_current_seq(self) -> int:
+        """``r``: the number of tokens each random-LTD layer keeps now (DeepSpeed's name)."""
+        return self._current_value
+
+    @property
+    def reserved_length(self) -> int:
+        """Alias of :meth:`get_current_seq` (the name DeepSpeed's layer uses)."""
+        return self._current_value
+
+    @property
+    def current_value(self) -> int:
+        return self._current_value
+
+    @property
+    def current_steps(self) -> int:
+        """The last global step passed to :meth:`update_seq` (``-1`` before the first)."""
+        return self._current_steps
+
+    @property
+    def consumed_layer_tokens(self) -> int:
+        """Sum over the steps seen so far of ``global_batch_size * (tokens each layer processed)``."""
+        return self._consumed
+
+    def get_random_ltd_layer_num(self) -> int:
+        """DeepSpeed's name for :attr:`random_ltd_layer_num`."""
+        return self.random_ltd_layer_num
+
+    # ------------------------------------------------------------------ accounting
+
+    def layer_tokens_per_step(self, r: int) -> int:
+        """Layer-tokens of one global step with kept length ``r``: ``B * (r * n_ltd + max * (L - n_ltd))``."""
+        full_layers = self.total_layer_num - self.random_ltd_layer_num
+        return self.global_batch_size * (r * self.random_ltd_layer_num + self.max_value * full_layers)
+
+    def layer_tokens_at(self, steps: int) -> int:
+        """Layer-tokens a fresh run consumes over global steps ``0 .. steps - 1`` (the state is not touched).
+
+        Exact (it equals stepping a new scheduler ``steps`` times) and fast: ``r`` is piecewise
+        constant, so each piece is found by bisection instead of visiting every step.
+        """
+        n = _check_step("steps", steps, 0)
+        full = self.global_batch_size * self.max_value * (self.total_layer_num - self.random_ltd_layer_num)
+        return n * full + self.global_batch_size * self.random_ltd_layer_num * self._sum_r(n)
+
+    def baseline_layer_tokens(self, steps: int) -> int:
+        """Layer-tokens of the same number of steps without dropping: ``steps * B * L * max_value``."""
+        n = _check_step("steps", steps, 0)
+        return n * self.global_batch_size * self.total_layer_num * self.max_value
+
+    def estimated_saving(self, steps: int) -> float:
+        """Fraction of layer-tokens saved over ``steps`` steps: ``1 - layer_tokens_at / baseline`` (0.0 for 0 steps).
+
+        Layer-tokens stand for compute: attention's quadratic part and the unchanged first and
+        last layers make real savings differ somewhat.
+        """
+        base = self.baseline_layer_tokens(steps)
+        return 0.0 if base == 0 else 1.0 - self.layer_tokens_at(steps) / base
+
+    def get_total_layer_tokens(self, train_iters: int) -> int:
+        """DeepSpeed's name for :meth:`layer_tokens_at`; unlike DeepSpeed's it does not step this scheduler."""
+        return self.layer_tokens_at(train_iters)
+
+    def _sum_r(self, steps: int) -> int:
+        """Sum of ``r`` over steps ``0 .. steps - 1`` of a fresh run."""
+        if self.min_value >= self.max_value:  # never updated: r stays min_value
+            return self.min_value * steps
+        total, g = 0, 0
+        while g < steps:
+            r = self.value_at(g)
+            if r >= self.max_value:
+                return total + r * (steps - g)
+            lo, hi = g + 1, steps  # first step in (g, steps) whose r is larger; value_at is monotone
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.value_at(mid) > r:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            total += r * (lo - g)
+            g = lo
+        return total
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, int]:
+        """DeepSpeed's five keys: ``consumed_layer_tokens``, ``current_steps``, ``current_value``,
+        ``min_value``, ``max_value`` (plain ints, JSON-friendly)."""
+        return {
+            "consumed_layer_tokens": self._consumed,
+            "current_steps": self._current_steps,
+            "current_value": self._current_value,
+            "min_value": self.min_value,
+            "max_value": self.max_value,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (also DeepSpeed's). Everything is checked before anything changes.
+
+        As in DeepSpeed, ``min_value`` and ``max_value`` come from the state dict. Extra keys are ignored.
+
+        Raises:
+            ConfigError: not a mapping, a missing key, or a value that is not a valid integer.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise ConfigError(
+                f"state_dict must be a mapping from RandomLTDScheduler.state_dict(), got {type(state_dict).__name__}"
+            )
+        missing = [k for k in STATE_KEYS if k not in state_dict]
+        if missing:
+            raise ConfigError(
+                f"state_dict is missing {', '.join(map(repr, missing))} (it has {sorted(map(str, state_dict))}): "
+                "pass the dict saved from RandomLTDScheduler.state_dict() or DeepSpeed's scheduler"
+            )
+        sd = {k: state_dict[k] for k in STATE_KEYS}
+        for key, minimum in (("consumed_layer_tokens", 0), ("current_steps", -1), ("current_value", 1)):
+            _check_step(f"state_dict[{key!r}]", sd[key], minimum)
+        check_schedule_settings(
+            min_value=sd["min_value"],
+            max_value=sd["max_value"],
+            require_steps=self.require_steps,
+            seq_per_step=self.seq_per_step,
+            total_layer_num=self.total_layer_num,
+            random_ltd_layer_num=self.random_ltd_layer_num,
+            global_batch_size=self.global_batch_size,
+            schedule_type=self.schedule_type,
+            names={"min_value": "state_dict['min_value']", "max_value": "state_dict['max_value']"},
+        )
+        if sd["current_value"] > sd["max_value"]:
+            raise ConfigError(
+                f"state_dict['current_value'] ({sd['current_value']}) is greater than state_dict['max_value'] "
+                f"({sd['max_value']}): the state dict is corrupt or from another schedule"
+            )
+        self._consumed = sd["consumed_layer_tokens"]
+        self._current_steps = sd["current_steps"]
+        self._current_value = sd["current_value"]
+        self.min_value = sd["min_value"]
+        self.max_value = sd["max_value"]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(min_value={self.min_value}, max_value={self.max_value}, "
+            f"require_steps={self.require_steps}, seq_per_step={self.seq_per_step}, "
+            f"total_layer_num={self.total_layer_num}, random_ltd_layer_num={self.random_ltd_layer_num}, "
+            f"global_batch_size={self.global_batch_size}, schedule_type={self.schedule_type!r}; "
+            f"current_steps={self._current_steps}, current_value={self._current_value}, "
+            f"consumed_layer_tokens={self._consumed})"
+        )
+
+
+# ====================================================================== LayerToken LR
+
+
+class LayerTokenSource(Protocol):
+    """Anything that reports consumed layer-tokens (e.g. :class:`RandomLTDScheduler`)."""
+
+    @property
+    def consumed_layer_tokens(self) -> int: ...
+
+
+class LayerTokenLRScheduler(LRScheduler):
+    """Learning rate driven by consumed layer-tokens instead of steps (the paper's LayerToken LR).
+
+    A random-LTD step processes fewer layer-tokens than a full one, so a step-based schedule
+    would warm up and decay too early for the compute spent. This one reads ``t =
+    scheduler.consumed_layer_tokens`` and sets each param group's LR to
+    ``initial_lr * factor(t)``, with ``W = warmup_layer_tokens``, ``T = total_layer_tokens``,
+    ``m = min_lr_ratio``:
+
+    - warm-up, ``t < W``: ``factor = t / W`` (``warmup="linear"``) or
+      ``log(1 + t) / log(1 + W)`` (``warmup="log"``);
+    - then, with ``p = min(1, (t - W) / (T - W))`` (``p = 1`` when ``T == W``):
+      ``cosine``: ``m + (1 - m) * (1 + cos(pi * p)) / 2``; ``linear``: ``m + (1 - m) * (1 - p)``;
+      ``constant``: ``1``.
+
+    A baseline run (no dropping; e.g. a :class:`RandomLTDScheduler` with ``min_value == max_value``)
+    and a random-LTD run thus have the same LR whenever they have consumed the same layer-tokens.
+
+    Order in the loop: ``ltd.step()`` at the start of a step (counts its layer-tokens), then
+    ``optimizer.step(); lr_scheduler.step()``, so the LR of step ``k + 1`` follows the layer-tokens
+    of steps ``0 .. k``; at construction the LR is ``factor(t)`` of the current count (0 for a new run).
+
+    ``state_dict()`` holds this object's settings and last LRs, not the RandomLTDScheduler: save
+    and load that one too.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer``; each group's ``lr`` at construction is its initial LR.
+        scheduler: the source of ``consumed_layer_tokens`` (a :class:`RandomLTDScheduler`).
+        warmup_layer_tokens: ``W >= 0``.
+        total_layer_tokens: ``T >= W`` and ``T >= 1``; e.g. ``scheduler.layer_tokens_at(train_steps)``.
+        min_lr_ratio: ``m`` in ``[0, 1]``.
+        decay: ``"cosine"``, ``"linear"`` or ``"constant"``.
+        warmup: ``"linear"`` or ``"log"`` (DeepSpeed's ``warmup_type`` names).
+        last_epoch: as in torch (``-1`` for a new run).
+
+    Raises:
+        ConfigError: a setting that cannot work.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LayerTokenSource,
+        *,
+        warmup_layer_tokens: int,
+        total_layer_tokens: int,
+        min_lr_ratio: float = 0.0,
+        decay: str = "cosine",
+        warmup: str = "linear",
+        last_epoch: int = -1,
+    ) -> None:
+        _check_lr_settings(warmup_layer_tokens, total_layer_tokens, min_lr_ratio, decay, warmup)
+        if not hasattr(scheduler, "consumed_layer_tokens"):
+            raise ConfigError(
+                f"scheduler must report consumed_layer_tokens (a RandomLTDScheduler), got {type(scheduler).__name__}"
+            )
+        self.random_ltd_scheduler = scheduler
+        self.warmup_layer_tokens = warmup_layer_tokens
+        self.total_layer_tokens = total_layer_tokens
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.decay = decay
+        self.warmup = warmup
+        super().__init__(optimizer, last_epoch)
+
+    @classmethod
+    def from_deepspeed(
+        cls,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LayerTokenSource,
+        cfg: ConfigSource,
+        *,
+        total_layer_tokens: int | None = None,
+        last_epoch: int = -1,
+    ) -> LayerTokenLRScheduler:
+        """Build from the ``layer_token_lr_schedule`` block of a DeepSpeed config (it must be enabled).
+
+        Keys: ``total_layer_tokens``, ``warmup_layer_tokens`` (default 0), ``warmup_type``
+        (``"linear"``/``"log"``, default linear) as DeepSpeed names them, plus this project's
+        ``decay`` (default ``"cosine"``) and ``min_lr_ratio`` (default 0.0).
+
+        Args:
+            cfg: anything :func:`~random_ltd_cli.deepspeed_config.read_deepspeed_config` accepts,
+                or the ``layer_token_lr_schedule`` block itself.
+            total_layer_tokens: used when the block has none (or to override it).
+
+        Raises:
+            ConfigError: the block is missing or disabled, a bad value, or no total layer-tokens.
+        """
+        lr_cfg = read_layer_token_lr_config(cfg)
+        total = total_layer_tokens if total_layer_tokens is not None else lr_cfg.total_layer_tokens
+        if total is None:
+            raise ConfigError(
+                "layer_token_lr_schedule.total_layer_tokens is missing: add it to the config, or pass "
+                "total_layer_tokens=random_ltd_scheduler.layer_tokens_at(train_steps)"
+            )
+        return cls(
+            optimizer,
+            scheduler,
+            warmup_layer_tokens=lr_cfg.warmup_layer_tokens,
+            total_layer_tokens=total,
+            min_lr_ratio=lr_cfg.min_lr_ratio,
+            decay=lr_cfg.decay,
+            warmup=lr_cfg.warmup_type,
+            last_epoch=last_epoch,
+        )
+
+    def lr_factor(self, layer_tokens: int) -> float:
+        """``factor(t)`` of the class docstring: the multiplier of each group's initial LR."""
+        t, w, total, m = layer_tokens, self.warmup_layer_tokens, self.total_layer_tokens, self.min_lr_ratio
+        if t < w:
+            if self.warmup == "log":
+                return math.log1p(t) / math.log1p(w)
+            return t / w
+        if self.decay == "constant":
+            return 1.0
+        p = 1.0 if total <= w else min(1.0, (t - w) / (total - w))
+        if self.decay == "linear":
+            return m + (1.0 - m) * (1.0 - p)
+        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    def get_lr(self) -> list[Any]:
+        """Each group's initial LR times ``lr_factor(consumed_layer_tokens)``."""
+        factor = self.lr_factor(int(self.random_ltd_scheduler.consumed_layer_tokens))
+        return [base_lr * factor for base_lr in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's scheduler state without the optimizer and the RandomLTDScheduler reference."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "random_ltd_scheduler")}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the RandomLTDScheduler reference is kept."""
+        state = {k: v for k, v in state_dict.items() if k not in ("optimizer", "random_ltd_scheduler")}
+        super().load_state_dict(state)
+
+
+def _check_lr_settings(warmup: object, total: object, ratio: object, decay: object, warmup_type: object) -> None:
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ConfigError(
+            f"warmup_layer_tokens must be an integer >= 0, got {warmup!r}: the layer-tokens of the warm-up (0 for none)"
+        )
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise ConfigError(
+            f"total_layer_tokens must be an integer >= 1, got {total!r}: use "
+            "random_ltd_scheduler.layer_tokens_at(train_steps)"
+        )
+    if warmup > total:
+        raise ConfigError(
+            f"warmup_layer_tokens ({warmup}) is greater than total_layer_tokens ({total}): warm-up must end "
+            "before the schedule does"
+        )
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"min_lr_ratio must be a number in [0, 1], got {ratio!r}: the final LR / initial LR")
+    if decay not in DECAY_TYPES:
+        raise ConfigError(f"decay {decay!r} is not supported; known: {', '.join(map(repr, DECAY_TYPES))}")
+    if warmup_type not in WARMUP_TYPES:
+        raise ConfigError(f"warmup {warmup_type!r} is not supported; known: {', '.join(map(repr, WARMUP_TYPES))}")
