@@ -38,7 +38,7 @@ _LAZY: dict[str, str] = {
     "remove_random_ltd_state_dict": "convert",
     "save_without_random_ltd": "convert",
     "random_ltd_layers": "convert",
-    "random_ltd_step": "integrations",
+    "random_ltd_scheduler": "convert",
     "RandomLTDCallback": "integrations",
     # checkpoints
     "strip_checkpoint": "checkpoint",
@@ -67,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .convert import (
         convert_to_random_ltd,
         random_ltd_layers,
+        random_ltd_scheduler,
         remove_random_ltd_state_dict,
         revert_random_ltd,
         save_without_random_ltd,
@@ -81,7 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TargetImportError,
         UnsafePickleError,
     )
-    from .integrations import RandomLTDCallback, random_ltd_step
+    from .integrations import RandomLTDCallback
     from .keys import strip_key, strip_mapping
     from .layer import RandomLayerTokenDrop
     from .sampling import TokenSampler, sample_indices

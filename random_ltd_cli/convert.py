@@ -13,15 +13,18 @@ from typing import Any
 
 from torch import nn
 
+from .deepspeed_config import ConfigSource, RandomLTDConfig, read_deepspeed_config
 from .errors import ConfigError, ConversionError
 from .keys import SEGMENT, rename_keys, strip_key
 from .layer import RandomLayerTokenDrop, ReservedLength
+from .schedule import RandomLTDScheduler
 
 __all__ = [
     "convert_to_random_ltd",
     "find_layer_stack",
     "parse_layer_spec",
     "random_ltd_layers",
+    "random_ltd_scheduler",
     "remove_random_ltd_state_dict",
     "revert_random_ltd",
     "save_without_random_ltd",
@@ -43,6 +46,11 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
 def random_ltd_layers(model: nn.Module) -> list[tuple[str, RandomLayerTokenDrop]]:
     """The wrapped layers of ``model`` as ``(qualified name, wrapper)`` pairs, in module order."""
     return [(n, m) for n, m in unwrap_parallel(model).named_modules() if isinstance(m, RandomLayerTokenDrop)]
+
+
+def random_ltd_scheduler(model: nn.Module) -> ReservedLength | None:
+    """The scheduler the model's random-LTD layers read (the first one's), or ``None``."""
+    return next((w.scheduler for _, w in random_ltd_layers(model) if w.scheduler is not None), None)
 
 
 def find_layer_stack(model: nn.Module) -> tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]:
@@ -108,9 +116,11 @@ def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
     if isinstance(spec, int):
         return [spec]
     if isinstance(spec, (range, Sequence)):
-        values = list(spec)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ConfigError(f"layers={spec!r} must hold integer indices among the matched layers.")
+        values: list[int] = []
+        for v in spec:
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"layers={spec!r} must hold integer indices among the matched layers.")
+            values.append(v)
         return values
     raise ConfigError(f"layers={spec!r} is not a layer selection: use 'middle', 'all', an int, a list or a range.")
 
@@ -162,6 +172,7 @@ def convert_to_random_ltd(
     keep_prefix: int = 0,
     keep_document_starts: bool = True,
     on_unsupported: str = "error",
+    ds_config: ConfigSource | RandomLTDConfig | None = None,
 ) -> nn.Module:
     """Wrap the chosen layers of ``model`` in :class:`RandomLayerTokenDrop`, in place.
 
@@ -180,6 +191,11 @@ def convert_to_random_ltd(
             generator (identical indices on every rank with the same seed).
         reserved_length, hidden_name, mask_names, keep_prefix, keep_document_starts,
         on_unsupported: passed to every :class:`RandomLayerTokenDrop`.
+        ds_config: a DeepSpeed config (dict, JSON path, its ``random_ltd`` block or a parsed
+            :class:`RandomLTDConfig`): supplies ``random_ltd_layer_id`` (as ``layers``, when
+            ``layers`` is left at ``"middle"``), ``model_mask_name``, ``hidden_state_order`` and,
+            when no ``scheduler`` is given, the schedule (which needs ``train_batch_size``).
+            Explicit arguments win. ``total_layer_num`` must equal the number of matched layers.
 
     Returns:
         ``model`` itself, converted.
@@ -198,6 +214,11 @@ def convert_to_random_ltd(
             f"{', ...' if len(existing) > 4 else ''}); call revert_random_ltd(model) first to convert it again."
         )
     candidates = _match(root, layer_type, filter_fn)
+    if ds_config is not None:
+        cfg = ds_config if isinstance(ds_config, RandomLTDConfig) else read_deepspeed_config(ds_config)
+        layers, mask_names, batch_first, scheduler = _apply_deepspeed(
+            cfg, len(candidates), layers, mask_names, batch_first, scheduler
+        )
     chosen = select_layers(candidates, layers)
     wrappers: list[tuple[str, RandomLayerTokenDrop]] = []
     for layer_id, i in enumerate(chosen):
@@ -260,6 +281,31 @@ def save_without_random_ltd(model: nn.Module) -> collections.OrderedDict[str, An
 
 
 # -- private helpers -----------------------------------------------------------------------
+
+
+def _apply_deepspeed(
+    cfg: RandomLTDConfig,
+    n_matched: int,
+    layers: LayerSpec,
+    mask_names: Iterable[str] | None,
+    batch_first: bool | None,
+    scheduler: ReservedLength | None,
+) -> tuple[LayerSpec, Iterable[str] | None, bool | None, ReservedLength | None]:
+    """Fill the settings a DeepSpeed random_ltd block provides and the caller left open."""
+    if cfg.total_layer_num != n_matched:
+        raise ConfigError(
+            f"{cfg.source}: total_layer_num={cfg.total_layer_num} but the model has {n_matched} matching layers; "
+            "set total_layer_num to the number of transformer layers (or choose the layers with layer_type=)."
+        )
+    if layers == "middle" and cfg.random_ltd_layer_id is not None:
+        layers = list(cfg.random_ltd_layer_id)
+    if mask_names is None and cfg.model_mask_name:
+        mask_names = [cfg.model_mask_name]
+    if batch_first is None:
+        batch_first = cfg.batch_first
+    if scheduler is None:
+        scheduler = RandomLTDScheduler.from_config(cfg)
+    return layers, mask_names, batch_first, scheduler
 
 
 def _match(

@@ -98,7 +98,9 @@ class GPT(nn.Module):
             }
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer["wte"].weight  # tied
+        wte = self.transformer["wte"]
+        assert isinstance(wte, nn.Embedding)
+        self.lm_head.weight = wte.weight  # tied
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
@@ -121,7 +123,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {s} exceeds block_size={self.config.block_size}")
         pos = torch.arange(s, device=idx.device)
         x = self.transformer["drop"](self.transformer["wte"](idx) + self.transformer["wpe"](pos))
-        for block in self.transformer["h"]:
+        blocks = self.transformer["h"]
+        assert isinstance(blocks, nn.ModuleList)
+        for block in blocks:
             x = block(x)
         logits = self.lm_head(self.transformer["ln_f"](x))
         loss = None

@@ -217,3 +217,40 @@ def test_find_layer_stack_and_spec_parsing() -> None:
     assert (name, cls, len(members)) == ("transformer.h", Block, 4)
     assert parse_layer_spec(" 0-2 , 5") == [0, 1, 2, 5]
     assert isinstance(RandomLayerTokenDrop, type)
+
+
+# --- DeepSpeed config ----------------------------------------------------------------------
+
+
+def _ds(**block: Any) -> dict[str, Any]:
+    rltd = {
+        "enabled": True, "total_layer_num": 4, "random_ltd_layer_num": 2, "random_ltd_layer_id": [1, 3],
+        "model_mask_name": "attention_mask", "model_type": "decoder", "hidden_state_order": "batch_seq_dim",
+        "random_ltd_schedule": {"min_value": 8, "max_value": 32, "schedule_type": "fixed_linear",
+                                "schedule_config": {"require_steps": 10, "seq_per_step": 8}},
+    }
+    rltd.update(block)
+    return {"train_batch_size": 4, "data_efficiency": {"data_routing": {"random_ltd": rltd}}}
+
+
+def test_deepspeed_config_supplies_layers_mask_and_schedule() -> None:
+    from random_ltd_cli import random_ltd_scheduler
+
+    model = convert_to_random_ltd(tiny_gpt(), ds_config=_ds())
+    wrapped = random_ltd_layers(model)
+    assert [n for n, _ in wrapped] == ["transformer.h.1", "transformer.h.3"]
+    sched = random_ltd_scheduler(model)
+    assert sched is not None and sched.get_current_seq() == 8
+    assert all(w.scheduler is sched for _, w in wrapped)
+
+
+def test_deepspeed_config_layer_count_must_match() -> None:
+    model = tiny_gpt()
+    with pytest.raises(ConfigError, match="total_layer_num=6 but the model has 4 matching layers"):
+        convert_to_random_ltd(model, ds_config=_ds(total_layer_num=6, random_ltd_layer_id=[1, 2]))
+    assert not random_ltd_layers(model)
+
+
+def test_deepspeed_mask_name_missing_from_forward() -> None:
+    with pytest.raises(ConfigError, match="mask name 'input_mask' is not a parameter of Block.forward"):
+        convert_to_random_ltd(tiny_gpt(), ds_config=_ds(model_mask_name="input_mask"))
