@@ -153,10 +153,37 @@ class RandomLayerTokenDrop(nn.Module):
         self.on_unsupported = on_unsupported
         self.layer_id = int(layer_id)
         self.sampler = TokenSampler(seed, generator=generator, layer_id=layer_id)
+        self.last_indices: torch.Tensor | None = None  # [B, r] of the latest dropping call, for inspection
         self._positional_names, self._hidden_name, self._mask_names, self._accepts_kwargs, self._params = plan
         self.register_load_state_dict_pre_hook(_accept_plain_keys)
 
     # -- configuration -------------------------------------------------------------------
+
+    def init_config(self, config: Any, scheduler: ReservedLength, random_ltd_layer_id: int) -> None:
+        """DeepSpeed's set-up call: attach ``scheduler`` and read ``config`` (the ``random_ltd`` block,
+        or a whole DeepSpeed config) for the mask name and the hidden-state order."""
+        from .deepspeed_config import RandomLTDConfig, read_deepspeed_config
+
+        cfg = config if isinstance(config, RandomLTDConfig) else read_deepspeed_config(config)
+        masks = self._mask_names
+        if cfg.model_mask_name:
+            if cfg.model_mask_name not in self._params and not self._accepts_kwargs:
+                raise ConfigError(
+                    f"model_mask_name={cfg.model_mask_name!r} is not a parameter of "
+                    f"{type(self.random_ltd_layer).__name__}.forward; set it to one of {sorted(self._params)}."
+                )
+            masks = (cfg.model_mask_name,)
+        self._mask_names = masks
+        if cfg.batch_first is not None:
+            self.batch_first = cfg.batch_first
+        self.scheduler = scheduler
+        self.layer_id = int(random_ltd_layer_id)
+        self.sampler.layer_id = self.layer_id
+
+    @property
+    def random_ltd_scheduler(self) -> ReservedLength | None:
+        """DeepSpeed's name for :attr:`scheduler`."""
+        return self.scheduler
 
     def current_reserved_length(self) -> int | None:
         """``r`` for the next call: the fixed value, else the scheduler's, else ``None``."""
@@ -202,6 +229,8 @@ class RandomLayerTokenDrop(nn.Module):
             if self.on_unsupported == "passthrough":
                 return layer(*args, **kwargs)
             raise
+        if not torch.compiler.is_compiling():
+            self.last_indices = idx
         flat = flat_index(idx, seq_len, self.batch_first)
         call.set(self._hidden_name, gather_tokens(hidden, flat, keep, self.batch_first))
         out = self._call_without_post_hooks(layer, call)

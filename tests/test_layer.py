@@ -408,3 +408,25 @@ def test_cuda_matches_reference() -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         w(x, mask).float().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_deepspeed_init_config_and_last_indices() -> None:
+    block = {
+        "enabled": True, "total_layer_num": 4, "random_ltd_layer_num": 2, "model_mask_name": "attention_mask",
+        "hidden_state_order": "seq_batch_dim",
+        "random_ltd_schedule": {"min_value": 2, "max_value": 8, "schedule_type": "fixed_linear",
+                                "schedule_config": {"require_steps": 4, "seq_per_step": 2}},
+    }
+    w = RandomLayerTokenDrop(MaskedAttentionLayer())
+    sched = FixedSchedule(3)
+    w.init_config({"random_ltd": block}, sched, 1)
+    assert w.random_ltd_scheduler is sched and w.layer_id == 1 and w.batch_first is False
+    bad = dict(block, model_mask_name="input_mask")
+    with pytest.raises(ConfigError, match="model_mask_name='input_mask' is not a parameter"):
+        RandomLayerTokenDrop(MaskedAttentionLayer()).init_config(bad, sched, 0)
+    w2 = RandomLayerTokenDrop(TupleLayer(4), reserved_length=2).train()
+    assert w2.last_indices is None
+    x = torch.randn(3, 6, 4)
+    out, _ = w2(x)
+    changed = (out != x).any(-1)
+    assert torch.equal(changed.nonzero()[:, 1].view(3, 2), w2.last_indices)
