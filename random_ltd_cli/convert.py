@@ -22,6 +22,7 @@ from .schedule import RandomLTDScheduler
 __all__ = [
     "convert_to_random_ltd",
     "find_layer_stack",
+    "match_layers",
     "parse_layer_spec",
     "random_ltd_layers",
     "random_ltd_scheduler",
@@ -213,7 +214,7 @@ def convert_to_random_ltd(
             f"{type(root).__name__} is already converted ({len(existing)} random-LTD layers: {names}"
             f"{', ...' if len(existing) > 4 else ''}); call revert_random_ltd(model) first to convert it again."
         )
-    candidates = _match(root, layer_type, filter_fn)
+    candidates = match_layers(root, layer_type, filter_fn)
     if ds_config is not None:
         cfg = ds_config if isinstance(ds_config, RandomLTDConfig) else read_deepspeed_config(ds_config)
         layers, mask_names, batch_first, scheduler = _apply_deepspeed(
@@ -308,11 +309,16 @@ def _apply_deepspeed(
     return layers, mask_names, batch_first, scheduler
 
 
-def _match(
+def match_layers(
     root: nn.Module,
     layer_type: type[nn.Module] | tuple[type[nn.Module], ...] | None,
     filter_fn: FilterFn | None,
 ) -> list[tuple[str, nn.Module]]:
+    """The candidate layers ``(qualified name, module)`` for ``layer_type``/``filter_fn`` (or the layer stack).
+
+    Raises:
+        ConversionError: nothing matches (the message lists the repeated classes found).
+    """
     if layer_type is None and filter_fn is None:
         return find_layer_stack(root)[2]
     if layer_type is not None:

@@ -9,7 +9,8 @@ wraps them with no extra arguments.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,11 +83,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """A small GPT. ``forward(idx [B,S], targets=None) -> (logits [B,S,V], loss or None)``."""
 
-    def __init__(self, cfg: GPTConfig | None = None, **overrides: int | float) -> None:
+    def __init__(self, cfg: GPTConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        cfg = cfg or GPTConfig()
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
+        cfg = replace(cfg or GPTConfig(), **overrides)  # an unknown name raises TypeError
         self.config = cfg
         self.transformer = nn.ModuleDict(
             {

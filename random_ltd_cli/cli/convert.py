@@ -1,0 +1,88 @@
+"""``random-ltd convert``: build a model from an import path, convert it, save the converted state dict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ._app import DryRunOption, JsonOption, app, note, user_errors
+from ._render import layers_table, print_json, stdout_console
+
+InitOption = Annotated[
+    str | None,
+    typer.Option("--init", help="Keyword arguments for the class or factory, as a JSON object.", metavar="JSON"),
+]
+LayerTypeOption = Annotated[
+    str | None,
+    typer.Option("--layer-type", help="Import path of the layer class to wrap (default: the layer stack).",
+                 metavar="IMPORT"),
+]
+LayersOption = Annotated[
+    str,
+    typer.Option("--layers", help="Which matched layers: middle, all, 1-10 or 1,3,5.", metavar="SPEC"),
+]
+DsConfigOption = Annotated[
+    Path | None,
+    typer.Option("--ds-config", help="DeepSpeed JSON config whose random_ltd block gives layer ids and schedule.",
+                 metavar="PATH"),
+]
+TrustPickleOption = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Allow torch pickles that need arbitrary code (only for files you trust)."),
+]
+
+
+@app.command()
+def convert(
+    target: Annotated[str, typer.Argument(help="package.module:attr, path/to/file.py:attr, or a HF model folder.")],
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Where to write the converted state dict (.safetensors, or .pt).",
+                     metavar="OUT"),
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option("--weights", help="A plain (unconverted) checkpoint to load strictly before converting.",
+                     metavar="CKPT"),
+    ] = None,
+    init: InitOption = None,
+    layer_type: LayerTypeOption = None,
+    layers: LayersOption = "middle",
+    ds_config: DsConfigOption = None,
+    dry_run: DryRunOption = False,
+    as_json: JsonOption = False,
+    trust_pickle: TrustPickleOption = False,
+) -> None:
+    """Convert a model to random-LTD and save its state dict with the settings recorded in the file.
+
+    Example: random-ltd convert transformers:GPT2LMHeadModel --init '{"n_layer": 4}' -o gpt2-ltd.safetensors
+    """
+    from ..target import parse_init
+    from ..workflow import convert_target
+
+    with user_errors():
+        result = convert_target(
+            target, output=output, init=parse_init(init), weights=weights, layer_type=layer_type, layers=layers,
+            ds_config=str(ds_config) if ds_config else None, dry_run=dry_run, trust_pickle=trust_pickle,
+        )
+    if as_json:
+        print_json(_json(result))
+    else:
+        console = stdout_console()
+        console.print(layers_table(result, title=f"{result.model_class}: {len(result.wrapped_layers)} of "
+                                                 f"{len(result.layers)} {result.layer_class} layers wrapped"))
+    if dry_run:
+        note("dry run: nothing written.")
+    elif result.output:
+        note(f"wrote {result.output} ({result.output_format}; settings in its metadata under 'random_ltd').")
+    else:
+        note("nothing written: pass -o OUT to save the converted state dict.")
+
+
+def _json(result: Any) -> dict[str, Any]:
+    data = result.to_json()
+    data["format"] = "model"
+    return json.loads(json.dumps(data, default=str))

@@ -1,0 +1,195 @@
+"""`random-ltd convert` and `random-ltd inspect`: CliRunner for every path and bad input, one real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from random_ltd_cli.cli import app
+from random_ltd_cli.model import GPT, GPTConfig
+
+runner = CliRunner()
+TARGET = "random_ltd_cli.model:GPT"
+INIT = json.dumps({"vocab_size": 50, "block_size": 32, "n_layer": 4, "n_head": 2, "n_embd": 32})
+
+
+def _gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**json.loads(INIT)))
+
+
+def _run(*args: str) -> object:
+    return runner.invoke(app, list(args))
+
+
+def _error_line(result: object) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]  # type: ignore[attr-defined]
+    assert len(lines) == 1, result.stderr  # type: ignore[attr-defined]
+    assert lines[0].startswith("Error: ")
+    return lines[0]
+
+
+def test_dry_run_lists_layers_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "x.safetensors"
+    r = _run("convert", TARGET, "--init", INIT, "--dry-run", "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert "transformer.h.1" in r.stdout and "wrapped" in r.stdout
+    assert "dry run" in r.stderr
+    assert not out.exists()
+
+
+def test_json_report() -> None:
+    r = _run("convert", TARGET, "--init", INIT, "--layers", "1-3", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["format"] == "model"
+    assert data["wrapped_layers"] == ["transformer.h.1", "transformer.h.2", "transformer.h.3"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_output_records_settings_and_inspect_reads_them(tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"ltd{suffix}"
+    r = _run("convert", TARGET, "--init", INIT, "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert out.exists() and str(out) in r.stderr
+    r = _run("inspect", str(out), "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["wrapped_layers"] == ["transformer.h.1", "transformer.h.2"]
+    settings = info["metadata"]["random_ltd"]
+    settings = json.loads(settings) if isinstance(settings, str) else settings
+    assert settings["wrapped_layers"] == ["transformer.h.1", "transformer.h.2"]
+    human = _run("inspect", str(out))
+    assert human.exit_code == 0 and "transformer.h.1" in human.stdout
+
+
+def test_weights_convert_strip_round_trip(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    vanilla = _gpt().state_dict()
+    plain = tmp_path / "vanilla.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in vanilla.items() if k != "lm_head.weight"}, str(plain))
+    full = tmp_path / "vanilla.pt"
+    torch.save(vanilla, full)
+    conv = tmp_path / "conv.safetensors"
+    r = _run("convert", TARGET, "--init", INIT, "--weights", str(full), "-o", str(conv))
+    assert r.exit_code == 0, r.stderr
+    stripped = tmp_path / "stripped.safetensors"
+    r = _run("strip", str(conv), "-o", str(stripped))
+    assert r.exit_code == 0, r.stderr
+    got = load_file(str(stripped))
+    model = _gpt()
+    model.load_state_dict({**got, "lm_head.weight": got.get("lm_head.weight", got["transformer.wte.weight"])})
+    for k, v in vanilla.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert set(got) <= set(vanilla)
+    assert not any(".random_ltd_layer." in k for k in got)
+
+
+def test_inspect_model_import_path_with_estimate() -> None:
+    r = _run("inspect", TARGET, "--init", INIT, "--steps", "100", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["format"] == "model" and data["wrapped_layers"] == ["transformer.h.1", "transformer.h.2"]
+    assert 0 < data["estimate"]["saving"] < 1
+    human = _run("inspect", TARGET, "--init", INIT)
+    assert "estimated compute saving" in " ".join(human.stdout.split())
+
+
+def test_inspect_lists_checkpoints_in_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _run("convert", TARGET, "--init", INIT, "-o", str(tmp_path / "a.safetensors")).exit_code == 0
+    torch.save(_gpt().state_dict(), tmp_path / "b.pt")
+    monkeypatch.chdir(tmp_path)
+    r = _run("inspect", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["format"] == "listing"
+    assert sorted(Path(c["path"]).name for c in data["checkpoints"]) == ["a.safetensors", "b.pt"]
+    assert data["wrapped_layers"] == ["transformer.h.1", "transformer.h.2"]
+
+
+def test_hf_folder_target(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=4, n_head=2, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
+    r = _run("convert", str(tmp_path / "hf"), "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["wrapped_layers"] == ["transformer.h.1", "transformer.h.2"]
+
+
+# --- bad input: exit 1, one Error line, nothing written ------------------------------------
+
+
+def _ds_file(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "ds.json"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nosuchpkg.models:Net"], "cannot import module 'nosuchpkg.models': no module named 'nosuchpkg'"),
+        (["random_ltd_cli.model:Nope"], "'random_ltd_cli.model' has no attribute 'Nope'"),
+        (["random_ltd_cli.model:GPTConfig"], "not an nn.Module class, a factory function or a module instance"),
+        ([TARGET, "--init", "{n_layer: 2}"], "--init is not valid JSON"),
+        ([TARGET, "--init", "[1, 2]"], "--init must be a JSON object"),
+        ([TARGET, "--init", '{"layers": 3}'], "unexpected keyword argument 'layers'"),
+        ([TARGET, "--init", INIT, "--layers", "7"], "layer index 7 is out of range: the model has 4 matching layers"),
+        ([TARGET, "--init", INIT, "--layers", "a-b"], "is not a layer selection"),
+        ([TARGET, "--init", INIT, "--layer-type", "torch.nn:GRU"], "no layer of GPT matches layer_type=GRU"),
+        ([TARGET, "--init", INIT, "--ds-config", "{ds_bad}"], "not valid JSON"),
+        ([TARGET, "--init", INIT, "--ds-config", "{ds_missing}"], "no such file"),
+        ([TARGET, "--init", INIT, "-o", "{out_txt}"], "unknown file type '.txt'"),
+    ],
+)
+def test_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
+    fill = {"ds_bad": _ds_file(tmp_path, "{not json"), "ds_missing": str(tmp_path / "none.json"),
+            "out_txt": str(tmp_path / "out.txt")}
+    args = [a.format(**fill) if "{" in a and a.strip("{}") in fill else a for a in args]
+    out = tmp_path / "out.safetensors"
+    r = _run("convert", *args, *([] if "-o" in args else ["-o", str(out)]))
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    line = _error_line(r)
+    assert message in line, line
+    assert r.stdout == ""
+    assert not out.exists() and not (tmp_path / "out.txt").exists()
+
+
+def test_weights_that_do_not_match_list_first_keys(tmp_path: Path) -> None:
+    bad = {k: v for k, v in _gpt().state_dict().items() if "h.3" not in k}
+    bad["extra.weight"] = torch.zeros(2)
+    torch.save(bad, tmp_path / "bad.pt")
+    out = tmp_path / "out.safetensors"
+    r = _run("convert", TARGET, "--init", INIT, "--weights", str(tmp_path / "bad.pt"), "-o", str(out))
+    assert r.exit_code == 1
+    line = _error_line(r)
+    assert "do not match the model" in line and "missing (first: transformer.h.3." in line
+    assert "1 unexpected (first: extra.weight)" in line
+    assert not out.exists()
+
+
+def test_inspect_bad_target() -> None:
+    r = _run("inspect", "no/such/file.safetensors")
+    assert r.exit_code == 1
+    assert "neither an existing checkpoint path nor an import path" in _error_line(r)
+
+
+def test_real_subprocess_convert_and_inspect(tmp_path: Path) -> None:
+    out = tmp_path / "ltd.safetensors"
+    p = subprocess.run([sys.executable, "-m", "random_ltd_cli", "convert", TARGET, "--init", INIT, "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([sys.executable, "-m", "random_ltd_cli", "inspect", str(out), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["wrapped_layers"] == ["transformer.h.1", "transformer.h.2"]
+    p = subprocess.run([sys.executable, "-m", "random_ltd_cli", "convert", "nosuch:X"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith("Error: ") and p.stdout == ""
