@@ -1,0 +1,70 @@
+"""Tell checkpoint formats apart by their content (not their names), and dispatch per file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from . import _safetensors, _torch
+from ._common import FilePlan, TensorInfo
+from ._deepspeed_dir import is_deepspeed_dir
+from ._hf_dir import is_hf_dir
+
+__all__ = ["FORMATS", "detect_format", "file_format", "plan_file", "scan_file"]
+
+FORMATS = ("safetensors", "torch", "hf-dir", "deepspeed-dir")
+_WHAT = (
+    "expected a .safetensors file, a torch.save file (.pt, .pth, .bin, .ckpt), "
+    "a Hugging Face model folder or a DeepSpeed checkpoint folder"
+)
+
+
+def file_format(path: Path) -> str:
+    """``"safetensors"`` or ``"torch"`` for a single file, judged by its first bytes.
+
+    Raises:
+        CheckpointError: empty file, or neither format.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise CheckpointError(f"{path} is empty; it is not a checkpoint ({_WHAT}).")
+    if head[:4] == _torch.ZIP_MAGIC or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "torch"
+    if head[8:9] == b"{" or path.suffix == ".safetensors":
+        return "safetensors"
+    raise CheckpointError(f"{path} is not a checkpoint: {_WHAT}.")
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """One of ``"safetensors"``, ``"torch"``, ``"hf-dir"``, ``"deepspeed-dir"``.
+
+    Raises:
+        CheckpointError: the path does not exist or is not a checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such file or folder: {path}. Check the path and retry.")
+    if path.is_dir():
+        if is_deepspeed_dir(path):
+            return "deepspeed-dir"
+        if is_hf_dir(path):
+            return "hf-dir"
+        raise CheckpointError(f"{path} is a folder without checkpoint files: {_WHAT}.")
+    return file_format(path)
+
+
+def plan_file(path: Path, *, trust_pickle: bool) -> FilePlan:
+    """The strip plan of one weights file, whatever its format."""
+    if file_format(path) == "safetensors":
+        return _safetensors.plan_strip(path)
+    return _torch.plan_strip(path, trust_pickle=trust_pickle)
+
+
+def scan_file(path: Path, *, trust_pickle: bool) -> tuple[list[TensorInfo], dict[str, Any]]:
+    """Tensor records and metadata of one weights file, whatever its format."""
+    if file_format(path) == "safetensors":
+        return _safetensors.scan(path)
+    return _torch.scan(path, trust_pickle=trust_pickle)

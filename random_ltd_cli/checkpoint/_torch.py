@@ -1,0 +1,290 @@
+"""torch checkpoints (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), read and stripped without unpickling.
+
+Both layouts torch.save has used are supported:
+
+* **zip** (torch >= 1.6): the pickled structure is the ``<archive>/data.pkl`` record and each
+  tensor storage is a ``<archive>/data/<key>`` record. Stripping copies the file as it is
+  and rewrites only ``data.pkl`` (and its CRC and sizes), so tensor bytes are never read.
+* **legacy** (``_use_new_zipfile_serialization=False``): four pickles, then the raw storages.
+  Stripping rewrites the fourth pickle and copies everything around it.
+
+The pickle is read by :mod:`._pickle`, which never imports or calls anything. A file whose
+pickle names a global outside torch's ``weights_only`` allowlist is refused unless the
+caller passes ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, KeyCollisionError, UnsafePickleError
+from ._common import TensorInfo, plain_metadata
+from ._io import Progress, copy_range, pread_exact
+from ._pickle import Global, Parsed, Persistent, PickleError, mapping_items, parse, substitute
+from ._torch_names import TreeRenames, main_state_dict, plan_renames, tensor_meta, walk
+from ._zip import ZipError, ZipRecord, patch_record, read_directory, read_record
+
+__all__ = ["TorchFile", "TorchPlan", "is_safe_global", "plan_strip", "read_torch", "scan"]
+
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_PICKLE = 1 << 30  # a data.pkl larger than this is refused (real ones are kilobytes to megabytes)
+
+_SAFE = frozenset(
+    {
+        "collections.OrderedDict", "collections.Counter", "torch.nn.parameter.Parameter",
+        "torch.serialization._get_layout", "torch.Size", "torch.Tensor", "torch.device", "_codecs.encode",
+        "builtins.bytearray", "builtins.set", "builtins.complex", "torch._tensor._rebuild_from_type_v2",
+        "torch.storage.TypedStorage", "torch.storage.UntypedStorage",
+        "torch.per_tensor_affine", "torch.per_tensor_symmetric", "torch.per_channel_affine",
+        "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
+    }
+    | {
+        f"torch._utils.{name}"
+        for name in (
+            "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+            "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor",
+            "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_wrapper_subclass",
+            "_rebuild_device_tensor_from_numpy", "_rebuild_device_tensor_from_cpu_tensor",
+        )
+    }
+)  # fmt: skip
+_SAFE_PATTERNS = (
+    re.compile(r"torch(\.cuda)?\.[A-Za-z0-9]+Storage"),
+    re.compile(r"torch(\.cuda)?(\.sparse)?\.[A-Za-z0-9]+Tensor"),
+    re.compile(r"torch\.(u?int[1-7]|u?int(8|16|32|64)|float(16|32|64)|bfloat16|bool|complex(32|64|128)"
+               r"|float8_\w+|float4_\w+|q(u)?int\w+|bits\w+)"),
+)  # fmt: skip
+
+
+def is_safe_global(qualname: str) -> bool:
+    """Whether ``torch.load(weights_only=True)`` allows this global (mirrors torch's allowlist)."""
+    module, _, name = qualname.rpartition(".")
+    module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+    full = f"{module}.{name}"
+    return full in _SAFE or any(p.fullmatch(full) for p in _SAFE_PATTERNS)
+
+
+@dataclass
+class TorchFile:
+    """A parsed torch checkpoint: its main pickle, where that pickle lives, and the archive records."""
+
+    path: Path
+    kind: str  # "zip" or "legacy"
+    parsed: Parsed
+    pickle: bytes
+    size: int
+    record: ZipRecord | None = None
+    records: dict[str, ZipRecord] = field(default_factory=dict)
+
+
+def _refuse_unsafe(path: Path, parsed: Parsed) -> None:
+    unsafe = sorted({g.qualname for g in parsed.globals if not is_safe_global(g.qualname)})
+    if unsafe:
+        raise UnsafePickleError(
+            f"{path} needs Python globals that torch.load(weights_only=True) refuses: {', '.join(unsafe)}. "
+            "random-ltd never runs them, but such a file can run code when loaded with torch. "
+            "Only if you trust its source, pass --trust-pickle (trust_pickle=True)."
+        )
+
+
+def read_torch(path: Path, *, trust_pickle: bool = False) -> TorchFile:
+    """Parse the checkpoint's structure (never its tensor data) and check its globals.
+
+    Raises:
+        UnsafePickleError: the pickle names globals outside the allowlist and ``trust_pickle`` is false.
+        CheckpointError: not a torch checkpoint, or truncated/corrupted.
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 4, 0)
+        try:
+            if head == ZIP_MAGIC:
+                tf = _read_zip(path, fd, size)
+            elif head[:1] == b"\x80":
+                tf = _read_legacy(path, fd, size)
+            else:
+                raise CheckpointError(f"{path} is not a torch checkpoint (no ZIP or pickle signature).")
+        except (ZipError, PickleError) as exc:
+            raise CheckpointError(
+                f"{path} is a truncated or corrupted torch checkpoint: {exc}. Re-save or re-download it."
+            ) from exc
+    finally:
+        os.close(fd)
+    if not trust_pickle:
+        _refuse_unsafe(path, tf.parsed)
+    return tf
+
+
+def _read_zip(path: Path, fd: int, size: int) -> TorchFile:
+    records = read_directory(fd)
+    pickles = [name for name in records if name.count("/") == 1 and name.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        kind = "a TorchScript archive" if any(n.endswith("/constants.pkl") for n in records) else "a ZIP archive"
+        raise CheckpointError(f"{path} is {kind}, not a torch.save checkpoint (no single <archive>/data.pkl).")
+    record = records[pickles[0]]
+    data = read_record(fd, record, limit=MAX_PICKLE)
+    parsed = parse(data)
+    prefix = record.name[: -len("data.pkl")]
+    for key, (type_name, numel) in _storages(parsed.root).items():
+        rec = records.get(f"{prefix}data/{key}")
+        need = numel * _ITEMSIZE.get(type_name, 1) if type_name != "UntypedStorage" else numel
+        if rec is None or rec.usize < need:
+            raise ZipError(f"storage record data/{key} is missing or shorter than its {numel} elements")
+    return TorchFile(path, "zip", parsed, data, size, record, records)
+
+
+def _read_legacy(path: Path, fd: int, size: int) -> TorchFile:
+    with open(fd, "rb", closefd=False) as stream:
+        stream.seek(0)
+        magic = parse(stream)
+        if magic.root != LEGACY_MAGIC:
+            raise CheckpointError(f"{path} is a plain pickle, not a torch checkpoint; random-ltd does not read it.")
+        parse(stream)  # protocol version
+        parse(stream)  # sys info
+        main_start = stream.tell()
+        parsed = parse(stream, start=main_start)
+    if parsed.end - main_start > MAX_PICKLE:
+        raise CheckpointError(f"{path}: the pickled structure is larger than {MAX_PICKLE} bytes")
+    data = pread_exact(fd, parsed.end - main_start, main_start)
+    _check_legacy_storages(fd, parsed, size)
+    return TorchFile(path, "legacy", parsed, data, size)
+
+
+_ITEMSIZE = {
+    "FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
+    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
+    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "QInt8Storage": 1, "QUInt8Storage": 1,
+    "QInt32Storage": 4, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1, "UntypedStorage": 1,
+}  # fmt: skip
+
+
+def _storages(root: Any) -> dict[str, tuple[str, int]]:
+    """Storage key -> (storage class name, element count), from the persistent ids in the tree."""
+    found: dict[str, tuple[str, int]] = {}
+    for node in walk(root):
+        if isinstance(node, Persistent) and isinstance(node.pid, tuple) and len(node.pid) >= 5:
+            _, kind, key, _, numel = node.pid[:5]
+            if isinstance(kind, Global) and isinstance(key, str) and isinstance(numel, int):
+                found.setdefault(str(key), (kind.name, numel))
+    return found
+
+
+def _check_legacy_storages(fd: int, parsed: Parsed, size: int) -> None:
+    """Walk the raw storages after the pickles (element counts only) and check that they end at EOF."""
+    storages = _storages(parsed.root)
+    with open(fd, "rb", closefd=False) as stream:
+        stream.seek(parsed.end)
+        keys = parse(stream).root
+        pos = stream.tell()
+    if not isinstance(keys, list) or any(k not in storages for k in keys):
+        raise PickleError("the storage key list does not match the pickled structure")
+    for key in keys:
+        type_name = storages[key][0]
+        if type_name not in _ITEMSIZE:
+            return  # an exotic storage type: skip the length check
+        (count,) = struct.unpack("<q", pread_exact(fd, 8, pos))
+        pos += 8 + count * _ITEMSIZE[type_name]
+    if pos != size:
+        raise PickleError(f"the storages end at byte {pos} but the file has {size} bytes")
+
+
+# --- inspection -------------------------------------------------------------------------
+
+
+def scan(path: Path, *, trust_pickle: bool = False) -> tuple[list[TensorInfo], dict[str, Any]]:
+    """The model weights' names, dtypes and shapes, and simple top-level metadata."""
+    tf = read_torch(path, trust_pickle=trust_pickle)
+    tensors = [TensorInfo(str(k), *tensor_meta(v)) for k, v in main_state_dict(tf.parsed.root)]
+    metadata: dict[str, Any] = {}
+    for key, value in mapping_items(tf.parsed.root) or ():
+        if key == "random_ltd":  # save_state_dict's {"state_dict": ..., "random_ltd": metadata}
+            saved = mapping_items(value)
+            if saved is None:
+                metadata["random_ltd"] = value
+            else:
+                metadata.update({str(k): v for k, v in saved if isinstance(k, str) and isinstance(v, str)})
+        elif isinstance(key, str) and isinstance(value, (str, int, float, bool)):
+            metadata[str(key)] = value
+    return tensors, plain_metadata(metadata)
+
+
+# --- stripping --------------------------------------------------------------------------
+
+
+@dataclass
+class TorchPlan:
+    """Everything needed to write a stripped copy; computing it reads no tensor data."""
+
+    source: Path
+    tf: TorchFile
+    renames: TreeRenames
+    new_pickle: bytes
+
+    @property
+    def weights(self) -> dict[str, str]:
+        return self.renames.weights
+
+    @property
+    def side_count(self) -> int:
+        return self.renames.side_count
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.renames.subs)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tf.size
+
+    def write(self, out: int, progress: Progress | None = None) -> None:
+        """Write the stripped checkpoint to the empty file ``out``."""
+        src = os.open(self.source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            if self.tf.kind == "zip":
+                assert self.tf.record is not None
+                copy_range(src, out, 0, 0, self.tf.size, progress)
+                try:
+                    patch_record(out, self.tf.record, self.new_pickle)
+                except ZipError as exc:
+                    raise CheckpointError(f"{self.source}: {exc}") from exc
+            else:
+                start, end = self.tf.parsed.start, self.tf.parsed.end
+                copy_range(src, out, 0, 0, start, progress)
+                os.pwrite(out, self.new_pickle, start)
+                copy_range(src, out, end, start + len(self.new_pickle), self.tf.size - end, progress)
+        finally:
+            os.close(src)
+
+    def write_in_place(self, progress: Progress | None = None) -> bool:
+        """torch files are never patched in place; the caller writes a copy and renames it."""
+        return False
+
+
+def plan_strip(path: Path, *, trust_pickle: bool = False) -> TorchPlan:
+    """Parse ``path`` and compute the stripped pickle; nothing is written.
+
+    Raises:
+        KeyCollisionError: two names would become one.
+        UnsafePickleError, CheckpointError: see :func:`read_torch`.
+    """
+    tf = read_torch(path, trust_pickle=trust_pickle)
+    try:
+        renames = plan_renames(tf.parsed.root)
+    except KeyCollisionError as exc:
+        raise KeyCollisionError(f"{path}: {exc}") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    try:
+        new = substitute(tf.pickle, tf.parsed.start, renames.subs.values())
+    except PickleError as exc:
+        raise CheckpointError(f"{path}: {exc}; load it with torch and save it again, then retry.") from exc
+    return TorchPlan(Path(path), tf, renames, new)
