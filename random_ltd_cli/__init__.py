@@ -27,7 +27,7 @@ _LAZY: dict[str, str] = {
     "strip_mapping": "keys",
     # schedule
     "RandomLTDScheduler": "schedule",
-    "LayerTokenLRScheduler": "schedule",
+    "LayerTokenLRScheduler": "lr_schedule",
     # layer
     "RandomLayerTokenDrop": "layer",
     "sample_indices": "sampling",
@@ -85,5 +85,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .integrations import RandomLTDCallback
     from .keys import strip_key, strip_mapping
     from .layer import RandomLayerTokenDrop
+    from .lr_schedule import LayerTokenLRScheduler
     from .sampling import TokenSampler, sample_indices
-    from .schedule import LayerTokenLRScheduler, RandomLTDScheduler
+    from .schedule import RandomLTDScheduler

@@ -20,8 +20,9 @@ from typing import Any, Literal
 import torch
 
 from ..convert import convert_to_random_ltd, find_layer_stack, select_layers
+from ..lr_schedule import LayerTokenLRScheduler
 from ..model import GPT, GPTConfig
-from ..schedule import LayerTokenLRScheduler, RandomLTDScheduler
+from ..schedule import RandomLTDScheduler
 from .data import Corpus, get_batch
 
 __all__ = ["Arm", "ArmResult", "ArmRun", "ArmTrainer", "EvalPoint", "TrainConfig", "evaluate", "train_arms"]
