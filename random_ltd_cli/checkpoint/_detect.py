@@ -29,8 +29,11 @@ def file_format(path: Path) -> str:
     """
     with open(path, "rb") as f:
         head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
     if not head:
         raise CheckpointError(f"{path} is empty; it is not a checkpoint ({_WHAT}).")
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"  # checked first: a header length may start with the bytes a pickle starts with
     if head[:4] == _torch.ZIP_MAGIC or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "torch"
     if head[8:9] == b"{" or path.suffix == ".safetensors":

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from ..errors import CheckpointError
 
-__all__ = ["Progress", "ProgressFn", "copy_range", "pread_exact", "write_all"]
+__all__ = ["Progress", "ProgressFn", "copy_range", "pread_exact", "write_all", "write_at"]
 
 ProgressFn = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``: called as bytes are written."""
@@ -85,3 +85,11 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_at(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (positional; the descriptor's position is unchanged)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written

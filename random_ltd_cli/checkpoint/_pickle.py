@@ -99,6 +99,7 @@ class Parsed:
     end: int
     protocol: int
     globals: list[Global] = field(default_factory=list)
+    frames: list[tuple[int, int]] = field(default_factory=list)  # (offset of a FRAME opcode, frame length)
 
 
 class _Mark:
@@ -128,7 +129,9 @@ def parse(source: bytes | BinaryIO, *, start: int | None = None) -> Parsed:
         raise PickleError(f"malformed pickle ({exc})") from exc
     if not machine.done:
         raise PickleError("the pickle ends before its STOP opcode")
-    return Parsed(machine.result, begin, stream.tell(), machine.protocol, list(machine.globals.values()))
+    return Parsed(
+        machine.result, begin, stream.tell(), machine.protocol, list(machine.globals.values()), machine.frames
+    )
 
 
 class _Machine:
@@ -140,6 +143,7 @@ class _Machine:
         self.memo: dict[int, Any] = {}
         self.globals: dict[tuple[str, str], Global] = {}
         self.protocol = 0
+        self.frames: list[tuple[int, int]] = []
         self.done = False
         self.result: Any = None
 
@@ -170,8 +174,8 @@ class _Machine:
             _HANDLERS[name](self, arg)
         elif name in ("PROTO",):
             self.protocol = int(arg)
-        elif name in ("FRAME",):
-            pass
+        elif name == "FRAME":
+            self.frames.append((pos, int(arg)))
         elif name == "STOP":
             self.result = stack.pop()
             self.done = True
@@ -406,28 +410,37 @@ def children(node: Any) -> Iterator[Any]:
 # --- rewriting strings in place ---------------------------------------------------------
 
 
-def substitute(data: bytes, base: int, renames: Iterable[tuple[PStr, str]]) -> bytes:
+def substitute(
+    data: bytes, base: int, renames: Iterable[tuple[PStr, str]], frames: Iterable[tuple[int, int]] = ()
+) -> bytes:
     """Return ``data`` (a pickle that starts at offset ``base``) with the given strings replaced.
 
-    Each :class:`PStr` is re-encoded with its own opcode; every other byte is kept. The
-    result is shorter by the UTF-8 length of what the renames removed.
+    Each :class:`PStr` is re-encoded with its own opcode and the lengths of the protocol-4
+    frames around it are corrected; every other byte is kept.
 
     Raises:
         PickleError: a string was produced by an opcode that cannot be re-encoded (protocol 0).
     """
-    by_pos = {old.pos: (old, new) for old, new in renames}
-    out = bytearray()
-    cursor = 0
-    for pos in sorted(by_pos):
-        old, new = by_pos[pos]
+    edits: dict[int, tuple[int, bytes]] = {}  # offset in data -> (bytes replaced, replacement)
+    for old, new in renames:
         width = _LENGTH_WIDTH.get(old.opcode)
         if width is None:
             raise PickleError(f"cannot rewrite the string {str(old)!r}: it uses an old pickle text encoding")
         at = old.pos - base
         (length,) = struct.unpack(_LENGTH_FORMAT[width], data[at + 1 : at + 1 + width])
         payload = new.encode("utf-8", "surrogatepass")
-        out += data[cursor:at]
-        out += bytes([old.opcode]) + struct.pack(_LENGTH_FORMAT[width], len(payload)) + payload
-        cursor = at + 1 + width + length
+        encoded = bytes([old.opcode]) + struct.pack(_LENGTH_FORMAT[width], len(payload)) + payload
+        edits[at] = (1 + width + length, encoded)
+    for pos, length in frames:
+        at, start = pos - base, pos - base + 9
+        lost = sum(size - len(new) for e, (size, new) in edits.items() if start <= e < start + length)
+        if lost:
+            edits[at] = (9, b"\x95" + struct.pack("<Q", length - lost))
+    out = bytearray()
+    cursor = 0
+    for at in sorted(edits):
+        size, replacement = edits[at]
+        out += data[cursor:at] + replacement
+        cursor = at + size
     out += data[cursor:]
     return bytes(out)

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import CheckpointError, KeyCollisionError, UnsafePickleError
 from ._common import TensorInfo, plain_metadata
-from ._io import Progress, copy_range, pread_exact
+from ._io import Progress, copy_range, pread_exact, write_at
 from ._pickle import Global, Parsed, Persistent, PickleError, mapping_items, parse, substitute
 from ._torch_names import TreeRenames, main_state_dict, plan_renames, tensor_meta, walk
 from ._zip import ZipError, ZipRecord, patch_record, read_directory, read_record
@@ -63,11 +63,16 @@ _SAFE_PATTERNS = (
 )  # fmt: skip
 
 
-def is_safe_global(qualname: str) -> bool:
-    """Whether ``torch.load(weights_only=True)`` allows this global (mirrors torch's allowlist)."""
+def canonical(qualname: str) -> str:
+    """The Python 3 name of a global (protocol-2 pickles spell ``builtins`` as ``__builtin__``...)."""
     module, _, name = qualname.rpartition(".")
     module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
-    full = f"{module}.{name}"
+    return f"{module}.{name}"
+
+
+def is_safe_global(qualname: str) -> bool:
+    """Whether ``torch.load(weights_only=True)`` allows this global (mirrors torch's allowlist)."""
+    full = canonical(qualname)
     return full in _SAFE or any(p.fullmatch(full) for p in _SAFE_PATTERNS)
 
 
@@ -85,7 +90,7 @@ class TorchFile:
 
 
 def _refuse_unsafe(path: Path, parsed: Parsed) -> None:
-    unsafe = sorted({g.qualname for g in parsed.globals if not is_safe_global(g.qualname)})
+    unsafe = sorted({canonical(g.qualname) for g in parsed.globals if not is_safe_global(g.qualname)})
     if unsafe:
         raise UnsafePickleError(
             f"{path} needs Python globals that torch.load(weights_only=True) refuses: {', '.join(unsafe)}. "
@@ -127,9 +132,10 @@ def read_torch(path: Path, *, trust_pickle: bool = False) -> TorchFile:
 def _read_zip(path: Path, fd: int, size: int) -> TorchFile:
     records = read_directory(fd)
     pickles = [name for name in records if name.count("/") == 1 and name.endswith("/data.pkl")]
+    if any(name.endswith("/constants.pkl") for name in records):
+        raise CheckpointError(f"{path} is a TorchScript archive (torch.jit.save), not a torch.save checkpoint.")
     if len(pickles) != 1:
-        kind = "a TorchScript archive" if any(n.endswith("/constants.pkl") for n in records) else "a ZIP archive"
-        raise CheckpointError(f"{path} is {kind}, not a torch.save checkpoint (no single <archive>/data.pkl).")
+        raise CheckpointError(f"{path} is a ZIP archive but not a torch.save checkpoint (no <archive>/data.pkl).")
     record = records[pickles[0]]
     data = read_record(fd, record, limit=MAX_PICKLE)
     parsed = parse(data)
@@ -228,6 +234,7 @@ class TorchPlan:
     tf: TorchFile
     renames: TreeRenames
     new_pickle: bytes
+    patches: list[tuple[int, bytes]]  # zip: (offset, bytes) written over the copy
 
     @property
     def weights(self) -> dict[str, str]:
@@ -250,16 +257,13 @@ class TorchPlan:
         src = os.open(self.source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
             if self.tf.kind == "zip":
-                assert self.tf.record is not None
                 copy_range(src, out, 0, 0, self.tf.size, progress)
-                try:
-                    patch_record(out, self.tf.record, self.new_pickle)
-                except ZipError as exc:
-                    raise CheckpointError(f"{self.source}: {exc}") from exc
+                for offset, data in self.patches:
+                    write_at(out, data, offset)
             else:
                 start, end = self.tf.parsed.start, self.tf.parsed.end
                 copy_range(src, out, 0, 0, start, progress)
-                os.pwrite(out, self.new_pickle, start)
+                write_at(out, self.new_pickle, start)
                 copy_range(src, out, end, start + len(self.new_pickle), self.tf.size - end, progress)
         finally:
             os.close(src)
@@ -284,7 +288,16 @@ def plan_strip(path: Path, *, trust_pickle: bool = False) -> TorchPlan:
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     try:
-        new = substitute(tf.pickle, tf.parsed.start, renames.subs.values())
+        new = substitute(tf.pickle, tf.parsed.start, renames.subs.values(), tf.parsed.frames)
     except PickleError as exc:
         raise CheckpointError(f"{path}: {exc}; load it with torch and save it again, then retry.") from exc
-    return TorchPlan(Path(path), tf, renames, new)
+    patches: list[tuple[int, bytes]] = []
+    if tf.kind == "zip" and tf.record is not None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            patches = patch_record(fd, tf.record, new)
+        except ZipError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+        finally:
+            os.close(fd)
+    return TorchPlan(Path(path), tf, renames, new, patches)

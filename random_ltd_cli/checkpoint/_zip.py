@@ -75,7 +75,9 @@ def _find_eocd(fd: int, size: int) -> tuple[int, int, int, int]:
     return eocd, count, cd_size, cd_offset
 
 
-def _zip64_extra(extra: bytes, base: int, wanted: list[str], values: dict[str, int], rec: ZipRecord) -> None:
+def _zip64_fields(extra: bytes, base: int, wanted: list[str]) -> dict[str, tuple[int, int]]:
+    """Values of the ``wanted`` fields in a ZIP64 extra field, with the file offset of each."""
+    found: dict[str, tuple[int, int]] = {}
     at = 0
     while at + 4 <= len(extra):
         tag, length = struct.unpack("<HH", extra[at : at + 4])
@@ -84,13 +86,13 @@ def _zip64_extra(extra: bytes, base: int, wanted: list[str], values: dict[str, i
             for name in wanted:
                 if pos + 8 > at + 4 + length:
                     raise ZipError("ZIP64 extra field too short")
-                (values[name],) = struct.unpack("<Q", extra[pos : pos + 8])
-                rec.zip64_fields[name] = base + pos
+                found[name] = (struct.unpack("<Q", extra[pos : pos + 8])[0], base + pos)
                 pos += 8
-            return
+            return found
         at += 4 + length
     if wanted:
         raise ZipError("ZIP64 extra field missing")
+    return found
 
 
 def read_directory(fd: int) -> dict[str, ZipRecord]:
@@ -113,12 +115,21 @@ def read_directory(fd: int) -> dict[str, ZipRecord]:
         (header_offset,) = struct.unpack("<I", directory[at + 42 : at + 46])
         name = directory[at + 46 : at + 46 + name_len].decode("utf-8" if flags & 0x800 else "cp437")
         extra = directory[at + 46 + name_len : at + 46 + name_len + extra_len]
-        rec = ZipRecord(name, flags, method, crc, csize, usize, header_offset, cd_offset + at)
         values = {"usize": usize, "csize": csize, "header_offset": header_offset}
         wanted = [k for k in ("usize", "csize", "header_offset") if values[k] == _U32]
-        _zip64_extra(extra, cd_offset + at + 46 + name_len, wanted, values, rec)
-        rec.usize, rec.csize, rec.header_offset = values["usize"], values["csize"], values["header_offset"]
-        rec.zip64_fields.pop("header_offset", None)
+        wide = _zip64_fields(extra, cd_offset + at + 46 + name_len, wanted)
+        values.update({k: v for k, (v, _) in wide.items()})
+        rec = ZipRecord(
+            name,
+            flags,
+            method,
+            crc,
+            values["csize"],
+            values["usize"],
+            values["header_offset"],
+            cd_offset + at,
+            zip64_fields={k: off for k, (_, off) in wide.items() if k != "header_offset"},
+        )
         _read_local_header(fd, rec, size)
         records[name] = rec
         at += 46 + name_len + extra_len + comment_len
@@ -166,47 +177,45 @@ def _descriptor(fd: int, rec: ZipRecord) -> tuple[bool, int]:
     raise ZipError(f"record {rec.name!r}: data descriptor does not match the central directory")
 
 
-def patch_record(fd: int, rec: ZipRecord, data: bytes) -> None:
-    """In a byte-for-byte copy of the archive open as ``fd``, replace the stored record ``rec`` by ``data``.
+def patch_record(fd: int, rec: ZipRecord, data: bytes) -> list[tuple[int, bytes]]:
+    """The writes that turn a byte-for-byte copy of the archive ``fd`` into one whose record ``rec`` holds ``data``.
 
-    ``data`` must not be longer than the record. Every other record keeps its offset.
+    ``data`` must not be longer than the record. Every other record keeps its offset. The
+    writes are computed (and every check made) before anything is written.
     """
     if rec.method != 0 or len(data) > rec.usize:
         raise ZipError(f"record {rec.name!r} cannot be replaced in place")
     shrink = rec.usize - len(data)
     crc = zlib.crc32(data)
-    descriptor = _descriptor(fd, rec) if rec.flags & 0x8 else None
+    writes: list[tuple[int, bytes]] = []
+    extra_at = rec.data_offset - len(rec.local_extra)
     start = rec.data_offset
     if 4 <= shrink <= 0xFFFF - len(rec.local_extra):
         # The lost bytes become a padding field in the local header, so the data ends where it did.
         pad = struct.pack("<HH", _PAD_ID, shrink - 4) + bytes(shrink - 4)
-        os.pwrite(fd, struct.pack("<H", len(rec.local_extra) + shrink), rec.header_offset + 28)
-        os.pwrite(fd, rec.local_extra + pad, rec.data_offset - len(rec.local_extra))
+        writes.append((rec.header_offset + 28, struct.pack("<H", len(rec.local_extra) + shrink)))
+        writes.append((extra_at, rec.local_extra + pad))
         start += shrink
-    os.pwrite(fd, data, start)
+    writes.append((start, data))
     end = start + len(data)
     gap = bytes(rec.data_offset + rec.csize - end)  # zeros where the old, longer data ended (if not absorbed)
-    if descriptor is not None:
-        has_sig, width = descriptor
+    if rec.flags & 0x8:
+        has_sig, width = _descriptor(fd, rec)
         body = struct.pack("<III" if width == 4 else "<IQQ", crc, len(data), len(data))
-        os.pwrite(fd, (_DESCRIPTOR if has_sig else b"") + body + gap, end)
+        writes.append((end, (_DESCRIPTOR if has_sig else b"") + body + gap))
     else:
-        os.pwrite(fd, gap, end)
-        os.pwrite(fd, struct.pack("<I", crc), rec.header_offset + 14)
-        _write_sizes(fd, rec, len(data), rec.header_offset + 18, local=True)
-    os.pwrite(fd, struct.pack("<I", crc), rec.central_offset + 16)
-    _write_sizes(fd, rec, len(data), rec.central_offset + 20, local=False)
-
-
-def _write_sizes(fd: int, rec: ZipRecord, size: int, at: int, *, local: bool) -> None:
-    """Write compressed and uncompressed sizes (both ``size``) at ``at``, or into the ZIP64 field."""
-    if not local and rec.zip64_fields:
-        for name in ("csize", "usize"):
-            if name in rec.zip64_fields:
-                os.pwrite(fd, struct.pack("<Q", size), rec.zip64_fields[name])
-        if rec.zip64_fields.keys() >= {"csize", "usize"}:
-            return
-    old = struct.unpack("<II", os.pread(fd, 8, at))
-    if _U32 in old:
-        raise ZipError(f"record {rec.name!r}: ZIP64 sizes in a local header are not rewritten")
-    os.pwrite(fd, struct.pack("<II", size, size), at)
+        writes.append((end, gap))
+        writes.append((rec.header_offset + 14, struct.pack("<I", crc)))
+        sizes = struct.unpack("<II", pread_exact(fd, 8, rec.header_offset + 18))
+        if _U32 in sizes:  # ZIP64: the local header's extra field holds both sizes
+            local64 = _zip64_fields(rec.local_extra, extra_at, ["usize", "csize"])
+            writes += [(off, struct.pack("<Q", len(data))) for _, off in local64.values()]
+        else:
+            writes.append((rec.header_offset + 18, struct.pack("<II", len(data), len(data))))
+    writes.append((rec.central_offset + 16, struct.pack("<I", crc)))
+    for name, at in (("csize", rec.central_offset + 20), ("usize", rec.central_offset + 24)):
+        if name in rec.zip64_fields:
+            writes.append((rec.zip64_fields[name], struct.pack("<Q", len(data))))
+        else:
+            writes.append((at, struct.pack("<I", len(data))))
+    return writes
