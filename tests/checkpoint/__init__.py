@@ -1,0 +1,1 @@
+"""Checkpoint tests (a package, so this folder's conftest does not shadow tests/conftest.py)."""
