@@ -20,7 +20,7 @@ from ..errors import CheckpointError, KeyCollisionError
 from ..keys import rename_keys, strip_key
 from ._atomic import patch_in_place
 from ._common import TensorInfo, plain_metadata
-from ._io import Progress, copy_range
+from ._io import Progress, copy_range, write_at
 
 __all__ = ["Header", "SafetensorsPlan", "plan_strip", "read_header", "scan"]
 
@@ -185,7 +185,9 @@ class SafetensorsPlan:
 
     def write(self, out: int, progress: Progress | None = None) -> None:
         """Write the new header, then copy the data region (in the kernel where possible)."""
-        os.pwrite(out, self.new_header, 0)
+        write_at(out, self.new_header, 0)
+        if progress is not None:
+            progress.advance(len(self.new_header))
         data_len = self.header.file_size - self.header.data_start
         src = os.open(self.source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:

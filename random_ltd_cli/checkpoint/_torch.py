@@ -250,7 +250,7 @@ class TorchPlan:
 
     @property
     def nbytes(self) -> int:
-        return self.tf.size
+        return self.tf.size - (len(self.tf.pickle) - len(self.new_pickle) if self.tf.kind == "legacy" else 0)
 
     def write(self, out: int, progress: Progress | None = None) -> None:
         """Write the stripped checkpoint to the empty file ``out``."""
@@ -264,6 +264,8 @@ class TorchPlan:
                 start, end = self.tf.parsed.start, self.tf.parsed.end
                 copy_range(src, out, 0, 0, start, progress)
                 write_at(out, self.new_pickle, start)
+                if progress is not None:
+                    progress.advance(len(self.new_pickle))
                 copy_range(src, out, end, start + len(self.new_pickle), self.tf.size - end, progress)
         finally:
             os.close(src)

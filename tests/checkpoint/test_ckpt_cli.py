@@ -251,3 +251,26 @@ def test_real_subprocess(st_file: Path, tmp_path: Path, plain_state) -> None:
     assert bad.stderr.strip().splitlines() == [
         f"Error: no such file or folder: {tmp_path / 'missing.pt'}. Check the path and retry."
     ]
+
+
+def test_progress_reaches_the_total(st_file: Path, tmp_path: Path) -> None:
+    from random_ltd_cli.checkpoint import strip_checkpoint
+
+    calls: list[tuple[int, int]] = []
+    strip_checkpoint(st_file, tmp_path / "p.safetensors", progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1][0] == calls[-1][1] == (tmp_path / "p.safetensors").stat().st_size
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_progress_bar_draws_on_stderr_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from random_ltd_cli.cli.strip import PROGRESS_MIN_BYTES, _ProgressBar
+
+    bar = _ProgressBar()
+    bar.enabled = True  # as if stderr were a terminal
+    bar(10, PROGRESS_MIN_BYTES - 1)  # small outputs: no bar
+    assert bar.bar is None
+    bar(PROGRESS_MIN_BYTES, 2 * PROGRESS_MIN_BYTES)
+    bar(2 * PROGRESS_MIN_BYTES, 2 * PROGRESS_MIN_BYTES)
+    assert bar.bar is not None
+    bar.close()
+    assert capsys.readouterr().out == ""
