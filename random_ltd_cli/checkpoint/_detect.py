@@ -31,14 +31,14 @@ def file_format(path: Path) -> str:
         head = f.read(9)
         size = os.fstat(f.fileno()).st_size
     if not head:
-        raise CheckpointError(f"{path} is empty; it is not a checkpoint ({_WHAT}).")
-    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        raise CheckpointError(f"{path} is empty, not a checkpoint; {_WHAT}. Pass one of those.")
+    if head[8:9] == b"{" and (int.from_bytes(head[:8], "little") <= size - 8 or path.suffix == ".safetensors"):
         return "safetensors"  # checked first: a header length may start with the bytes a pickle starts with
     if head[:4] == _torch.ZIP_MAGIC or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "torch"
     if head[8:9] == b"{" or path.suffix == ".safetensors":
         return "safetensors"
-    raise CheckpointError(f"{path} is not a checkpoint: {_WHAT}.")
+    raise CheckpointError(f"{path} is not a checkpoint; {_WHAT}. Pass one of those.")
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -55,7 +55,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "deepspeed-dir"
         if is_hf_dir(path):
             return "hf-dir"
-        raise CheckpointError(f"{path} is a folder without checkpoint files: {_WHAT}.")
+        raise CheckpointError(f"{path} is a folder without checkpoint files; {_WHAT}. Pass one of those.")
     return file_format(path)
 
 

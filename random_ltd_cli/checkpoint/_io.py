@@ -32,13 +32,13 @@ class Progress:
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
-    """Read exactly ``size`` bytes at ``offset`` or raise CheckpointError (the file is shorter)."""
+    """Read exactly ``size`` bytes at ``offset``; EOFError if the file is shorter (the caller names the file)."""
     chunks: list[bytes] = []
     want = size
     while want:
         chunk = os.pread(fd, min(want, CHUNK), offset + size - want)
         if not chunk:
-            raise CheckpointError(f"the file ends early: expected {size} bytes at offset {offset}")
+            raise EOFError(f"the file ends before byte {offset + size}")
         chunks.append(chunk)
         want -= len(chunk)
     return b"".join(chunks)

@@ -118,7 +118,7 @@ def read_torch(path: Path, *, trust_pickle: bool = False) -> TorchFile:
                 tf = _read_legacy(path, fd, size)
             else:
                 raise CheckpointError(f"{path} is not a torch checkpoint (no ZIP or pickle signature).")
-        except (ZipError, PickleError) as exc:
+        except (ZipError, PickleError, EOFError) as exc:
             raise CheckpointError(
                 f"{path} is a truncated or corrupted torch checkpoint: {exc}. Re-save or re-download it."
             ) from exc

@@ -101,6 +101,13 @@ def read_directory(fd: int) -> dict[str, ZipRecord]:
     Raises:
         ZipError: truncated or corrupted archive.
     """
+    try:
+        return _read_directory(fd)
+    except (EOFError, struct.error, UnicodeDecodeError) as exc:
+        raise ZipError(str(exc)) from exc
+
+
+def _read_directory(fd: int) -> dict[str, ZipRecord]:
     size = os.fstat(fd).st_size
     _, count, cd_size, cd_offset = _find_eocd(fd, size)
     directory = pread_exact(fd, cd_size, cd_offset)
@@ -153,7 +160,10 @@ def read_record(fd: int, rec: ZipRecord, *, limit: int) -> bytes:
     """The uncompressed bytes of a (stored or deflated) record, CRC-checked; at most ``limit`` bytes."""
     if rec.usize > limit:
         raise ZipError(f"record {rec.name!r} is {rec.usize} bytes, over the {limit}-byte limit")
-    raw = pread_exact(fd, rec.csize, rec.data_offset)
+    try:
+        raw = pread_exact(fd, rec.csize, rec.data_offset)
+    except EOFError as exc:
+        raise ZipError(f"record {rec.name!r} is truncated") from exc
     if rec.method == 8:
         data = zlib.decompressobj(-15).decompress(raw, limit + 1)
     elif rec.method == 0:
@@ -167,7 +177,10 @@ def read_record(fd: int, rec: ZipRecord, *, limit: int) -> bytes:
 
 def _descriptor(fd: int, rec: ZipRecord) -> tuple[bool, int]:
     """(has a signature, width of the size fields) of the data descriptor after the record's data."""
-    raw = pread_exact(fd, 28, rec.data_offset + rec.csize)
+    try:
+        raw = pread_exact(fd, 28, rec.data_offset + rec.csize)
+    except EOFError as exc:
+        raise ZipError(f"record {rec.name!r}: data descriptor missing") from exc
     has_sig = raw[:4] == _DESCRIPTOR
     body = raw[4:] if has_sig else raw[:24]
     if struct.unpack("<III", body[:12]) == (rec.crc, rec.csize, rec.usize):
