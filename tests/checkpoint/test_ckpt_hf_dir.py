@@ -159,3 +159,15 @@ def test_collision_across_shards(tmp_path: Path) -> None:
     with pytest.raises(KeyCollisionError, match="would both become 'a.w'"):
         strip_checkpoint(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_plain_folder_is_copied_only_when_asked(tmp_path: Path, model) -> None:
+    src = tmp_path / "plain"
+    model.save_pretrained(src)
+    report = strip_checkpoint(src)
+    assert report.renamed_count == 0 and not report.wrote and report.output is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+    copy = strip_checkpoint(src, tmp_path / "copy")
+    assert copy.wrote and sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(p.name for p in src.iterdir())
+    for path in src.iterdir():
+        assert (tmp_path / "copy" / path.name).read_bytes() == path.read_bytes()

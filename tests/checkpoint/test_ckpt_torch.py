@@ -246,3 +246,14 @@ def test_load_state_dict_unwraps_and_maps(tmp_path: Path, wrapped_state, plain_s
     with pytest.raises(CheckpointError, match="holds no state dict"):
         load_state_dict(save({"epoch": 1}, tmp_path / "empty.pt"))
     assert os.path.getsize(src) > 0
+
+
+@pytest.mark.parametrize("legacy", LAYOUTS)
+def test_in_place_replaces_the_file_atomically(tmp_path: Path, wrapped_state, plain_state, legacy) -> None:
+    src = save(wrapped_state, tmp_path / "w.pth", legacy)
+    src.chmod(0o640)
+    report = strip_checkpoint(src, in_place=True)
+    assert report.wrote and report.output == src
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]
+    assert src.stat().st_mode & 0o777 == 0o640  # permissions kept
+    load_strict(torch.load(src, weights_only=True), plain_state)
