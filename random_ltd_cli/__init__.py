@@ -44,6 +44,8 @@ _LAZY: dict[str, str] = {
     "strip_checkpoint": "checkpoint",
     "inspect_checkpoint": "checkpoint",
     "detect_format": "checkpoint",
+    "load_state_dict": "checkpoint",
+    "save_state_dict": "checkpoint",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]
@@ -63,7 +65,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .checkpoint import detect_format, inspect_checkpoint, strip_checkpoint
+    from .checkpoint import detect_format, inspect_checkpoint, load_state_dict, save_state_dict, strip_checkpoint
     from .convert import (
         convert_to_random_ltd,
         random_ltd_layers,
