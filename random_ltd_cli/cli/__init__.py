@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 # Importing the command modules registers their commands on ``app`` (in this order in --help).
-from . import convert, inspect, strip, demo  # noqa: F401, I001
+# isort: off
+from . import convert, inspect, strip, demo  # noqa: F401
 from ._app import app
+
+# isort: on
 
 __all__ = ["app", "main"]
 
