@@ -27,7 +27,7 @@ from ..errors import CheckpointError, KeyCollisionError, UnsafePickleError
 from ._common import TensorInfo, plain_metadata
 from ._io import Progress, copy_range, pread_exact, write_at
 from ._pickle import Global, Parsed, Persistent, PickleError, mapping_items, parse, substitute
-from ._torch_names import TreeRenames, main_state_dict, plan_renames, tensor_meta, walk
+from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta, walk
 from ._zip import ZipError, ZipRecord, patch_record, read_directory, read_record
 
 __all__ = ["TorchFile", "TorchPlan", "is_safe_global", "plan_strip", "read_torch", "scan"]
@@ -45,15 +45,7 @@ _SAFE = frozenset(
         "torch.per_tensor_affine", "torch.per_tensor_symmetric", "torch.per_channel_affine",
         "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
     }
-    | {
-        f"torch._utils.{name}"
-        for name in (
-            "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-            "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor",
-            "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_wrapper_subclass",
-            "_rebuild_device_tensor_from_numpy", "_rebuild_device_tensor_from_cpu_tensor",
-        )
-    }
+    | REBUILD_CALLS
 )  # fmt: skip
 _SAFE_PATTERNS = (
     re.compile(r"torch(\.cuda)?\.[A-Za-z0-9]+Storage"),

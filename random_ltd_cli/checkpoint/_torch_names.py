@@ -34,7 +34,7 @@ SIDE_TABLES = frozenset(
      "param_slice_mappings"}
 )  # fmt: skip
 
-_REBUILD = frozenset(
+REBUILD_CALLS = frozenset(
     f"torch._utils.{name}"
     for name in (
         "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
@@ -55,7 +55,7 @@ _STORAGE_DTYPES = {
 
 def is_tensor(node: Any) -> bool:
     """Whether ``node`` is a tensor or parameter record (a call to a torch rebuild function)."""
-    return isinstance(node, Instance) and node.kind == "reduce" and node.is_call_to(*_REBUILD)
+    return isinstance(node, Instance) and node.kind == "reduce" and node.is_call_to(*REBUILD_CALLS)
 
 
 def _is_state_dict(pairs: list[tuple[Any, Any]]) -> bool:
