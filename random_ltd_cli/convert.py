@@ -190,8 +190,12 @@ def convert_to_random_ltd(
             ``batch_first`` attribute when it has one, else assumes ``[B,S,H]``.
         seed: ``None`` samples from the global RNG; an int gives each layer a private
             generator (identical indices on every rank with the same seed).
-        reserved_length, hidden_name, mask_names, keep_prefix, keep_document_starts,
-        on_unsupported: passed to every :class:`RandomLayerTokenDrop`.
+        reserved_length: a fixed ``r`` instead of a scheduler.
+        hidden_name: the forward parameter holding the hidden states (default: found by name).
+        mask_names: forward parameters holding attention masks (default: the usual names).
+        keep_prefix: always keep the first ``k`` tokens (e.g. ``[CLS]``).
+        keep_document_starts: always keep tokens whose ``position_ids`` are 0.
+        on_unsupported: ``"error"`` or ``"passthrough"`` for arguments that cannot be gathered.
         ds_config: a DeepSpeed config (dict, JSON path, its ``random_ltd`` block or a parsed
             :class:`RandomLTDConfig`): supplies ``random_ltd_layer_id`` (as ``layers``, when
             ``layers`` is left at ``"middle"``), ``model_mask_name``, ``hidden_state_order`` and,

@@ -112,7 +112,9 @@ class RandomLayerTokenDrop(nn.Module):
         keep_document_starts: when ``position_ids`` are passed, always keep tokens whose
             position is 0 (the start of each packed document; for an unpacked sequence, its
             first token), so document boundaries survive dropping.
-        seed, generator: see :class:`~random_ltd_cli.sampling.TokenSampler`.
+        seed: ``None`` samples from the global RNG; an int uses a private generator (see
+            :class:`~random_ltd_cli.sampling.TokenSampler`).
+        generator: a private ``torch.Generator`` to sample from (overrides ``seed``).
         layer_id: index of this layer among the wrapped ones (mixed into ``seed``).
         on_unsupported: ``"error"`` (default) raises :class:`InputError` on an argument that
             cannot be gathered (e.g. a flex-attention ``BlockMask``); ``"passthrough"`` runs
