@@ -29,14 +29,7 @@ from torch import nn
 from .errors import ConfigError, ConversionError, InputError
 from .keys import SEGMENT
 from .sampling import TokenSampler
-from .tokens import (
-    flat_index,
-    gather_mask,
-    gather_position_embeddings,
-    gather_position_ids,
-    gather_tokens,
-    scatter_tokens,
-)
+from .tokens import TokenRoute, flat_index, gather_mask, gather_position_embeddings, gather_position_ids
 
 __all__ = ["HIDDEN_NAMES", "MASK_NAMES", "RandomLayerTokenDrop"]
 
@@ -233,10 +226,10 @@ class RandomLayerTokenDrop(nn.Module):
             raise
         if not torch.compiler.is_compiling():
             self.last_indices = idx
-        flat = flat_index(idx, seq_len, self.batch_first)
-        call.set(self._hidden_name, gather_tokens(hidden, flat, keep, self.batch_first))
+        route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), keep, self.batch_first)
+        call.set(self._hidden_name, route.split())
         out = self._call_without_post_hooks(layer, call)
-        out = self._scatter_output(hidden, out, flat)
+        out = self._merge_output(route, out)
         return self._run_post_hooks(layer, args, kwargs, out)
 
     def _shape(self, hidden: Any) -> tuple[int, int]:
@@ -321,11 +314,11 @@ class RandomLayerTokenDrop(nn.Module):
                 out = result
         return out
 
-    def _scatter_output(self, hidden: torch.Tensor, out: Any, flat: torch.Tensor) -> Any:
+    def _merge_output(self, route: TokenRoute, out: Any) -> Any:
         if isinstance(out, torch.Tensor):
-            return scatter_tokens(hidden, out, flat)
+            return route.merge(out)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-            first = scatter_tokens(hidden, out[0], flat)
+            first = route.merge(out[0])
             if hasattr(out, "_fields"):  # namedtuple
                 return out._replace(**{out._fields[0]: first})  # type: ignore[union-attr]
             return type(out)([first, *out[1:]])

@@ -16,6 +16,7 @@ import torch
 from .errors import InputError
 
 __all__ = [
+    "TokenRoute",
     "flat_index",
     "gather_mask",
     "gather_position_embeddings",
@@ -64,6 +65,97 @@ def scatter_tokens(hidden: torch.Tensor, kept_out: torch.Tensor, flat: torch.Ten
     lead = hidden.shape[0] * hidden.shape[1]
     out = base.reshape(lead, *hidden.shape[2:]).index_copy(0, flat, kept_out.reshape(-1, *hidden.shape[2:]))
     return out.view(hidden.shape)
+
+
+class _Link:
+    """Carries the merged output's gradient from :class:`_Merge` to :class:`_Split` (same call)."""
+
+    grad_out: torch.Tensor | None = None
+
+
+class _Split(torch.autograd.Function):
+    """Forward: gather the kept rows. Backward: the input's whole gradient in one buffer.
+
+    The gradient of ``hidden`` is the merged output's gradient with the kept rows replaced by
+    the gradient that came back through the layer: one copy instead of autograd's
+    zero-fill + index-add + index-fill + add of two full-size buffers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, flat: torch.Tensor, keep: int, batch_first: bool,
+                link: _Link) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(flat)
+        ctx.link, ctx.shape, ctx.dtype = link, hidden.shape, hidden.dtype
+        token = hidden.new_zeros(0)  # ties _Merge to this node so that backward always reaches it
+        return gather_tokens(hidden, flat, keep, batch_first), token
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_kept: torch.Tensor | None, _grad_token: Any) -> tuple[Any, ...]:
+        (flat,) = ctx.saved_tensors
+        lead, rest = ctx.shape[0] * ctx.shape[1], ctx.shape[2:]
+        grad_out, ctx.link.grad_out = ctx.link.grad_out, None
+        if grad_out is None:
+            grad = torch.zeros(lead, *rest, dtype=ctx.dtype, device=flat.device)
+        else:
+            grad = grad_out.reshape(lead, *rest).to(ctx.dtype, copy=True)
+        if grad_kept is not None:
+            grad.index_copy_(0, flat, grad_kept.reshape(-1, *rest).to(ctx.dtype))
+        else:
+            grad.index_fill_(0, flat, 0)
+        return grad.view(ctx.shape), None, None, None, None
+
+
+class _Merge(torch.autograd.Function):
+    """Forward: a copy of ``hidden`` with the kept rows replaced. Backward: hands the gradient to _Split."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, kept_out: torch.Tensor, token: torch.Tensor, flat: torch.Tensor,
+                link: _Link) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(flat)
+        ctx.link, ctx.kept_shape, ctx.token_dtype = link, kept_out.shape, token.dtype
+        return scatter_tokens(hidden.detach(), kept_out.detach(), flat)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple[Any, ...]:
+        (flat,) = ctx.saved_tensors
+        ctx.link.grad_out = grad_out
+        grad_kept = None
+        if grad_out is not None:
+            rest = grad_out.shape[2:]
+            grad_kept = grad_out.reshape(-1, *rest).index_select(0, flat).view(ctx.kept_shape)
+        return None, grad_kept, flat.new_zeros(0, dtype=ctx.token_dtype), None, None
+
+
+class TokenRoute:
+    """Gather the kept tokens of one call and merge the layer's output back, with a fused backward.
+
+    ``kept = route.split(hidden)`` then ``out = route.merge(layer_output)``; gradients are the same
+    as with :func:`gather_tokens` and :func:`scatter_tokens`, computed with fewer full-size passes.
+    Under ``torch.compile`` it uses those two functions directly.
+    """
+
+    def __init__(self, hidden: torch.Tensor, flat: torch.Tensor, keep: int, batch_first: bool) -> None:
+        self.hidden, self.flat, self.keep, self.batch_first = hidden, flat, keep, batch_first
+        self._fused = not torch.compiler.is_compiling() and torch.is_grad_enabled() and hidden.requires_grad
+        self._link = _Link()
+        self._token: torch.Tensor | None = None
+
+    def split(self) -> torch.Tensor:
+        if not self._fused:
+            return gather_tokens(self.hidden, self.flat, self.keep, self.batch_first)
+        kept, self._token = _Split.apply(self.hidden, self.flat, self.keep, self.batch_first, self._link)
+        return kept
+
+    def merge(self, kept_out: torch.Tensor) -> torch.Tensor:
+        if not self._fused or not kept_out.requires_grad:
+            return scatter_tokens(self.hidden, kept_out, self.flat)
+        if kept_out.shape[2:] != self.hidden.shape[2:]:
+            scatter_tokens(self.hidden, kept_out, self.flat)  # raises the shape error
+        return _Merge.apply(self.hidden, kept_out, self._token, self.flat, self._link)
 
 
 def _expand_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:

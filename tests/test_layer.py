@@ -430,3 +430,53 @@ def test_deepspeed_init_config_and_last_indices() -> None:
     out, _ = w2(x)
     changed = (out != x).any(-1)
     assert torch.equal(changed.nonzero()[:, 1].view(3, 2), w2.last_indices)
+
+
+class _Const(nn.Module):
+    """Ignores its input: the wrapper must still pass the dropped tokens' gradient through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x) + self.bias
+
+
+def test_gradient_when_layer_ignores_its_input() -> None:
+    w = _wrap(_Const(), 2)
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    g = torch.randn(2, 5, 4)
+    w(x).backward(g)
+    kept = torch.zeros(2, 5, dtype=torch.bool).scatter(1, w.sampler.calls[-1], True)
+    assert torch.equal(x.grad[~kept], g[~kept])
+    assert torch.equal(x.grad[kept], torch.zeros_like(x.grad[kept]))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_gradients_equal_plain_autograd_reference(autocast: bool) -> None:
+    # the wrapper's fused backward against gather/scatter written with ordinary differentiable indexing
+    torch.manual_seed(0)
+    layer = TupleLayer(8)
+    idx = torch.tensor([[0, 3, 4], [1, 2, 6]])
+    w = RandomLayerTokenDrop(layer, reserved_length=3).train()
+    w.sampler = FixedSampler(idx)
+    x = torch.randn(2, 7, 8, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        out, extra = w(x)
+        loss = out.float().square().sum() + extra.float().sum()
+        kept_in = torch.stack([xr[b, idx[b]] for b in range(2)])
+        k_out, k_extra = layer(kept_in)
+        ref = xr.to(k_out.dtype).clone()
+        ref = torch.stack([ref[b].index_put((idx[b],), k_out[b]) for b in range(2)])
+        ref_loss = ref.float().square().sum() + k_extra.float().sum()
+    loss.backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    ref_loss.backward()
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(x.grad, xr.grad)
+    for a, p in zip(grads, layer.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
