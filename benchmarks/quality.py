@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import statistics
 import sys
@@ -36,7 +37,7 @@ from _timing import machine, write_json
 
 from random_ltd_cli.demo.data import batch_offsets, eval_windows, load_corpus
 from random_ltd_cli.demo.plot import XAxis
-from random_ltd_cli.demo.train import Arm, ArmResult, TrainConfig, train_arms
+from random_ltd_cli.demo.train import Arm, ArmResult, EvalPoint, TrainConfig, train_arms
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = (
@@ -113,7 +114,7 @@ def summarize(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, 
             "layer_tokens": statistics.fmean(r["layer_tokens"] for r in rows),
             "train_seconds": statistics.fmean(r["train_seconds"] for r in rows),
             "layer_tokens_to_baseline_loss": None if None in reach else statistics.fmean(reach),
-            "seeds_reaching_baseline_loss": sum(x is not None for x in reach),
+            "layer_tokens_to_baseline_loss_per_seed": reach,
         }
     base = out[ARMS[0].name]
     for row in out.values():
@@ -136,13 +137,13 @@ def markdown_table(summary: dict[str, dict[str, Any]], seeds: int) -> str:
     lines = [
         f"| arm (mean of {seeds} seeds) | eval loss, equal steps (min-max) | vs baseline | "
         "eval loss, equal wall-clock | vs baseline | layer-tokens | vs baseline | train time | vs baseline | "
-        "layer-tokens to reach the baseline's final loss |",
+        "layer-tokens to reach the same seed's baseline final loss (per seed) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, (name, r) in enumerate(summary.items()):
-        reach = r["layer_tokens_to_baseline_loss"]
-        reached = r["seeds_reaching_baseline_loss"]
-        reach_text = _count(reach) if reach is not None else f"not reached ({reached}/{seeds} seeds)"
+        reach_text = " / ".join(
+            "not reached" if x is None else _count(x) for x in r["layer_tokens_to_baseline_loss_per_seed"]
+        )
 
         def change(key: str, sign: int = 1, digits: int = 1, r: dict[str, Any] = r, first: bool = i == 0) -> str:
             return "-" if first else f"{sign * r[key]:+.{digits}%}"
@@ -173,26 +174,10 @@ def plot(results: dict[str, list[ArmResult]], img_dir: Path) -> list[str]:
     return written
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="steps per arm (default 300; 6 with --smoke)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--smoke", action="store_true", help="tiny model, a few steps, output to a temp dir")
-    p.add_argument("--json", dest="json_path", default=None, help="default benchmarks/results/quality.json")
-    p.add_argument("--img-dir", default=None, help="where the PNGs go (default docs/img)")
-    a = p.parse_args(argv)
-    if a.steps is None and not a.smoke:
-        a.steps = 300
-    scratch = Path(tempfile.mkdtemp(prefix="quality-smoke-")) if a.smoke else None
-    json_path = a.json_path or (str(scratch / "quality.json") if scratch else None)
-    img_dir = Path(a.img_dir) if a.img_dir else (scratch if scratch else ROOT / "docs" / "img")
-
-    started = time.perf_counter()
+def train_all(a: argparse.Namespace, started: float) -> tuple[dict[str, list[ArmResult]], dict[str, Any]]:
+    """Train the three arms for every seed; returns the results per arm and a description of the corpus."""
     corpus = load_corpus(max_bytes=400_000 if a.smoke else None)
     results: dict[str, list[ArmResult]] = {arm.name: [] for arm in ARMS}
-    per_seed = []
     for seed in a.seeds:
         cfg = make_config(a, seed)
         offsets = batch_offsets(corpus.train.numel(), cfg.steps, cfg.batch_size, cfg.seq_len, seed)
@@ -204,37 +189,80 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"seed {seed} {arm}: step {step} loss {loss:.3f} ({time.perf_counter() - started:.0f}s)",
                       file=sys.stderr, flush=True)  # fmt: skip
 
-        runs = train_arms(cfg, corpus, list(ARMS), offsets, evals, progress)
-        for run in runs:
+        for run in train_arms(cfg, corpus, list(ARMS), offsets, evals, progress):
             results[run.result.name].append(run.result)
-        per_seed.append(seed_rows([run.result for run in runs]))
-
-    summary = summarize(per_seed)
-    table = markdown_table(summary, len(a.seeds))
-    images = plot(results, img_dir)
-    payload = {
-        "benchmark": "quality",
-        "description": "eval loss at full length of the built-in GPT on the stdlib source: baseline vs random-LTD",
-        "config": make_config(a, a.seeds[0]).to_dict(),
-        "seeds": a.seeds,
-        "corpus": {
-            "root": str(corpus.root),
-            "train_tokens": corpus.train.numel(),
-            "eval_tokens": corpus.eval.numel(),
-            "train_files": len(corpus.train_files),
-            "eval_files": len(corpus.eval_files),
-        },
-        "machine": machine("cpu"),
-        "smoke": a.smoke,
-        "total_seconds": time.perf_counter() - started,
-        "summary": summary,
-        "per_seed": dict(zip(map(str, a.seeds), per_seed, strict=True)),
-        "runs": {name: [r.to_dict() for r in runs] for name, runs in results.items()},
-        "images": images,
-        "table_markdown": table,
+    about = {
+        "root": str(corpus.root),
+        "train_tokens": corpus.train.numel(),
+        "eval_tokens": corpus.eval.numel(),
+        "train_files": len(corpus.train_files),
+        "eval_files": len(corpus.eval_files),
     }
+    return results, about
+
+
+def report(results: dict[str, list[ArmResult]], seeds: list[int], img_dir: Path) -> dict[str, Any]:
+    """Per-seed rows, the summary, the markdown table and the plots, from the runs."""
+    per_seed = [seed_rows([runs[i] for runs in results.values()]) for i in range(len(seeds))]
+    summary = summarize(per_seed)
+    return {
+        "summary": summary,
+        "per_seed": dict(zip(map(str, seeds), per_seed, strict=True)),
+        "images": plot(results, img_dir),
+        "table_markdown": markdown_table(summary, len(seeds)),
+    }
+
+
+def load_runs(payload: dict[str, Any]) -> dict[str, list[ArmResult]]:
+    """The :class:`ArmResult` objects saved in a quality JSON."""
+    out: dict[str, list[ArmResult]] = {}
+    for name, runs in payload["runs"].items():
+        out[name] = []
+        for run in runs:
+            history = [EvalPoint(**point) for point in run["history"]]
+            out[name].append(ArmResult(**{**run, "history": history}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=None, help="steps per arm (default 300; 6 with --smoke)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--smoke", action="store_true", help="tiny model, a few steps, output to a temp dir")
+    p.add_argument("--json", dest="json_path", default=None, help="default benchmarks/results/quality.json")
+    p.add_argument("--img-dir", default=None, help="where the PNGs go (default docs/img)")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="no training: recompute the table and plots from the runs saved in PATH")  # fmt: skip
+    a = p.parse_args(argv)
+    if a.steps is None and not a.smoke:
+        a.steps = 300
+    scratch = Path(tempfile.mkdtemp(prefix="quality-smoke-")) if a.smoke else None
+    json_path = a.json_path or (str(scratch / "quality.json") if scratch else a.from_json)
+    img_dir = Path(a.img_dir) if a.img_dir else (scratch if scratch else ROOT / "docs" / "img")
+
+    if a.from_json:
+        payload = json.loads(Path(a.from_json).read_text())
+        payload.update(report(load_runs(payload), payload["seeds"], img_dir))
+    else:
+        started = time.perf_counter()
+        results, about = train_all(a, started)
+        payload = {
+            "benchmark": "quality",
+            "description": "eval loss at full length of the built-in GPT on the stdlib source: baseline vs random-LTD",
+            "config": make_config(a, a.seeds[0]).to_dict(),
+            "seeds": a.seeds,
+            "corpus": about,
+            "machine": machine("cpu"),
+            "smoke": a.smoke,
+            "total_seconds": time.perf_counter() - started,
+            "runs": {name: [r.to_dict() for r in runs] for name, runs in results.items()},
+        }
+        payload.update(report(results, a.seeds, img_dir))
     out = write_json("quality", _finite(payload), json_path)
-    print(table)
+    print(payload["table_markdown"])
+    images = payload["images"]
     print(f"wrote {out}" + (f" and {', '.join(images)}" if images else ""), file=sys.stderr)
     return payload
 

@@ -217,3 +217,19 @@ def test_demo_subprocess(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "random_ltd_cli", "demo", "--tiny", "--steps", "2", "--out", str(tmp_path), "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["load_back"]["ok"] is True
+
+
+# -- the quality benchmark reuses the loop ----------------------------------------------
+
+
+def test_quality_benchmark_smoke(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    cmd = [sys.executable, str(script), "--smoke", "--steps", "3", "--seeds", "0", "1"]
+    cmd += ["--json", str(tmp_path / "q.json"), "--img-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert list(data["summary"]) == ["baseline", "random-LTD (step LR)", "random-LTD (LayerToken LR)"]
+    assert data["summary"]["random-LTD (step LR)"]["layer_token_saving"] > 0
+    assert all(len(runs) == 2 for runs in data["runs"].values())
+    assert "| baseline |" in out.stdout
+    assert (tmp_path / "quality_loss_vs_time.png").is_file() == HAS_MATPLOTLIB

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def demo(
     steps: Annotated[
         int | None,
-        typer.Option("--steps", min=1, help="Training steps per arm (default 300; 20 with --tiny).", metavar="N"),
+        typer.Option("--steps", min=1, help="Training steps per arm (default 200; 20 with --tiny).", metavar="N"),
     ] = None,
     out: Annotated[
         Path,
@@ -43,7 +43,7 @@ def demo(
     Both runs see identical batches in identical order. Prints final eval loss, consumed layer-tokens
     and wall time; writes a loss-vs-layer-tokens plot; saves the random-LTD checkpoint, inspects it,
     strips it and checks that the stripped weights load strictly into an unconverted model.
-    Defaults take about two minutes on 2 CPU cores.
+    Defaults take about a minute and a half on 2 idle CPU cores.
     """
     from ..demo.run import DemoConfig, run_demo
 

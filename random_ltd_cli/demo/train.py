@@ -44,13 +44,13 @@ class TrainConfig:
     n_head: int = 4
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 300
+    steps: int = 200
     lr: float = 2e-3
-    warmup_steps: int = 20
+    warmup_steps: int = 13
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 25
+    eval_every: int = 16
     eval_sequences: int = 64
     eval_batch_size: int = 32
     seed: int = 0
