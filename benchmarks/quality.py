@@ -168,7 +168,8 @@ def plot(results: dict[str, list[ArmResult]], img_dir: Path) -> list[str]:
         title = "Eval loss at full length (each line one seed)"
         for name in ("quality_loss_vs_time.png", "quality_loss_vs_layer_tokens.png"):
             x: XAxis = "train_seconds" if "time" in name else "layer_tokens"
-            written.append(str(plot_eval_curves(curves, img_dir / name, x=x, title=title)))
+            path = plot_eval_curves(curves, img_dir / name, x=x, title=title).resolve()
+            written.append(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'random-ltd[plot]')", file=sys.stderr)
     return written
