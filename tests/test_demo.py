@@ -137,7 +137,7 @@ def test_demo_prints_the_table(demo_run: tuple[Any, Path]) -> None:
     result, _ = demo_run
     assert result.exit_code == 0, result.output
     stdout, stderr = result.stdout, result.stderr
-    for text in ("eval loss", "layer-tokens", "train time", "baseline", "random-LTD", "load-back:  OK"):
+    for text in ("eval loss", "layer-tokens", "time", "baseline", "random-LTD", "load-back:  OK"):
         assert text in stdout
     assert "corpus:" in stderr and "corpus:" not in stdout  # notes go to stderr
     assert "Error" not in stderr

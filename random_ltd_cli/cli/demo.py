@@ -105,9 +105,14 @@ def _count(n: float) -> str:
 def _render(result: DemoResult) -> None:
     console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
     base = result.baseline
-    table = Table(title="random-LTD demo: eval loss at full length after the last step", title_justify="left")
-    for name in ("arm", "eval loss", "vs base", "layer-tokens", "saved", "train time", "saved"):
-        table.add_column(name, justify="left" if name == "arm" else "right", no_wrap=True)
+    table = Table(
+        title="random-LTD demo: eval loss at full length after the last step",
+        title_justify="left",
+        caption="time: training wall time, evaluation excluded; layer-tokens count all blocks",
+        caption_justify="left",
+    )
+    for name in ("arm", "eval loss", "vs base", "layer-tokens", "saved", "time", "saved"):
+        table.add_column(name, justify="left" if name == "arm" else "right", no_wrap=True, min_width=6)
     for arm in (result.baseline, result.random_ltd):
         is_base = arm is base
         table.add_row(
