@@ -199,10 +199,11 @@ def gather_mask(mask: Any, idx: torch.Tensor, seq_len: int, name: str = "attenti
     if mask.dim() in (3, 4) and mask.shape[-1] == seq_len and mask.shape[-2] in (1, seq_len):
         squeeze = mask.dim() == 3
         m = mask.unsqueeze(1) if squeeze else mask
-        m = _expand_batch(m, batch, name)
+        if m.shape[0] not in (1, batch):
+            _expand_batch(m, batch, name)  # raises the batch-size error
         heads = m.shape[1]
-        if m.shape[2] == seq_len:  # rows are queries: keep the kept ones
-            m = m.gather(2, idx[:, None, :, None].expand(batch, heads, keep, seq_len))
+        # rows are queries (keep the kept ones, one row copy each), or a single broadcast row
+        m = _gather_query_rows(m, idx, seq_len) if m.shape[2] == seq_len else _expand_batch(m, batch, name)
         m = m.gather(3, idx[:, None, None, :].expand(batch, heads, m.shape[2], keep))
         return m.squeeze(1) if squeeze else m
     raise InputError(
@@ -210,6 +211,18 @@ def gather_mask(mask: Any, idx: torch.Tensor, seq_len: int, name: str = "attenti
         f"[B,{seq_len}], [B,{seq_len},{seq_len}], [B,h,{seq_len},{seq_len}] or [B,h,1,{seq_len}]. "
         "A key/value cache makes the mask longer than the sequence: train without a cache."
     )
+
+
+def _gather_query_rows(m: torch.Tensor, idx: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``[1|B, h, S, S] -> [B, h, r, S]``: the kept query rows, read once (no expanded copy of a shared mask)."""
+    batch, keep = idx.shape
+    src_batch, heads = m.shape[0], m.shape[1]
+    b = torch.arange(batch, device=idx.device) if src_batch == batch else torch.zeros(batch, dtype=torch.long,
+                                                                                      device=idx.device)
+    h = torch.arange(heads, device=idx.device)
+    rows = (b[:, None, None] * heads + h[None, :, None]) * seq_len + idx[:, None, :]  # (B, h, r)
+    table = m.reshape(src_batch * heads * seq_len, m.shape[3])
+    return table.index_select(0, rows.reshape(-1)).view(batch, heads, keep, m.shape[3])
 
 
 def gather_position_ids(position_ids: Any, idx: torch.Tensor, seq_len: int, name: str = "position_ids") -> Any:

@@ -25,7 +25,10 @@ def test_errors_and_keys_are_lean() -> None:
     assert _loaded_after("from random_ltd_cli import RandomLTDError, strip_key") == set()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["strip", "--help"], ["convert", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["--version"], ["strip", "--help"], ["convert", "--help"], ["inspect", "--help"], ["demo", "--help"]],
+)
 def test_cli_help_does_not_import_torch(argv: list[str]) -> None:
     code = (
         "import sys\nfrom random_ltd_cli.cli import app\n"
