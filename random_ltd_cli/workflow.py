@@ -76,9 +76,19 @@ def _build(target: str, init: dict[str, Any] | None) -> Any:
 
 
 def load_weights_strict(model: Any, state: dict[str, Any], source: str) -> None:
-    """Load ``state`` into ``model`` strictly, with a short error naming the first mismatches."""
+    """Load ``state`` into ``model`` strictly, with a short error naming the first mismatches.
+
+    A tied weight (a tensor the model registers under two names, such as a language-model head
+    tied to the embedding) may be present under either name: files saved by
+    ``save_pretrained`` keep only one of them.
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    aliases: dict[int, list[str]] = {}
+    for key, value in expected.items():
+        if hasattr(value, "data_ptr") and value.numel():
+            aliases.setdefault(value.data_ptr(), []).append(key)
+    tied = {k: names for names in aliases.values() if len(names) > 1 for k in names}
+    missing = [k for k in expected if k not in state and not any(n in state for n in tied.get(k, []))]
     unexpected = [k for k in state if k not in expected]
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
@@ -99,7 +109,8 @@ def load_weights_strict(model: Any, state: dict[str, Any], source: str) -> None:
             else " Check that --weights belongs to this model and --init."
         )
         raise CheckpointError(f"weights {source!r} do not match the model: {'; '.join(parts)}.{hint}")
-    model.load_state_dict(state, strict=True)
+    # Every name is accounted for; names absent from the file are tied to one that is present.
+    model.load_state_dict(state, strict=False)
 
 
 def _plan(
