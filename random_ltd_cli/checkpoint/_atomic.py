@@ -55,22 +55,16 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(dst: Path, *, mode_like: Path | None = None) -> Iterator[int]:
-    """Yield a file descriptor open for writing; on success the bytes replace ``dst`` atomically.
-
-    The new file gets the permission bits of ``mode_like`` (e.g. the input), else the umask's.
-
-    Raises:
-        CheckpointError: the folder cannot be written to, or writing failed (no temp file is left).
-    """
-    dst = Path(dst)
+def _temp_beside(dst: Path, mode_like: Path | None) -> Iterator[tuple[int, Path]]:
+    """A temp file beside ``dst`` (descriptor and path); on success fsynced and renamed over ``dst``."""
     try:
         fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     except OSError as exc:
         raise write_error(dst, exc) from exc
     done = False
     try:
-        yield fd
+        yield fd, Path(tmp)
+        # fsync flushes the inode, so it also covers bytes written through another descriptor
         os.fchmod(fd, (os.stat(mode_like).st_mode & 0o777) if mode_like is not None else _default_mode())
         os.fsync(fd)
         os.close(fd)
@@ -89,32 +83,23 @@ def atomic_file(dst: Path, *, mode_like: Path | None = None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
+def atomic_file(dst: Path, *, mode_like: Path | None = None) -> Iterator[int]:
+    """Yield a file descriptor open for writing; on success the bytes replace ``dst`` atomically.
+
+    The new file gets the permission bits of ``mode_like`` (e.g. the input), else the umask's.
+
+    Raises:
+        CheckpointError: the folder cannot be written to, or writing failed (no temp file is left).
+    """
+    with _temp_beside(Path(dst), mode_like) as (fd, _):
+        yield fd
+
+
+@contextlib.contextmanager
 def atomic_path(dst: Path) -> Iterator[Path]:
     """Like :func:`atomic_file`, for writers that take a path: yield the temporary file's path."""
-    dst = Path(dst)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as exc:
-        raise write_error(dst, exc) from exc
-    done = False
-    try:
-        yield Path(tmp)
-        fd = os.open(tmp, os.O_RDWR | getattr(os, "O_BINARY", 0))
-        try:
-            os.fchmod(fd, _default_mode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dst)
-        done = True
-        _fsync_dir(dst.parent)
-    except OSError as exc:
-        raise write_error(dst, exc) from exc
-    finally:
-        if not done:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    with _temp_beside(Path(dst), None) as (_, tmp):
+        yield tmp
 
 
 @contextlib.contextmanager
