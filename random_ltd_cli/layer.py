@@ -19,7 +19,6 @@ very same arguments, so the output is bitwise identical to the unwrapped layer's
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from .errors import ConfigError, ConversionError, InputError
 from .keys import SEGMENT
+from .recorders import call_unrecorded, replay_recorders
 from .sampling import TokenSampler
 from .tokens import TokenRoute, flat_index, gather_mask, gather_position_embeddings, gather_position_ids
 
@@ -228,9 +228,9 @@ class RandomLayerTokenDrop(nn.Module):
             self.last_indices = idx
         route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), keep, self.batch_first)
         call.set(self._hidden_name, route.split())
-        out = self._call_without_post_hooks(layer, call)
+        out = call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
         out = self._merge_output(route, out)
-        return self._run_post_hooks(layer, args, kwargs, out)
+        return replay_recorders(layer, args, kwargs, out)
 
     def _shape(self, hidden: Any) -> tuple[int, int]:
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
@@ -289,30 +289,6 @@ class RandomLayerTokenDrop(nn.Module):
                 call.set(name, None)
         if call.has("use_cache") or "use_cache" in self._params:
             call.set("use_cache", False)
-
-    @staticmethod
-    def _call_without_post_hooks(layer: nn.Module, call: _Arguments) -> Any:
-        # Forward hooks on the wrapped layer (e.g. Hugging Face's output_hidden_states recorders)
-        # must see full-length states: hold them back here and run them after the scatter.
-        hooks = layer._forward_hooks
-        if not hooks:
-            return layer(*call.args, **call.kwargs)
-        layer._forward_hooks = OrderedDict()
-        try:
-            return layer(*call.args, **call.kwargs)
-        finally:
-            layer._forward_hooks = hooks
-
-    @staticmethod
-    def _run_post_hooks(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-        for hook_id, hook in list(layer._forward_hooks.items()):
-            if hook_id in layer._forward_hooks_with_kwargs:
-                result = hook(layer, args, kwargs, out)
-            else:
-                result = hook(layer, args, out)
-            if result is not None:
-                out = result
-        return out
 
     def _merge_output(self, route: TokenRoute, out: Any) -> Any:
         if isinstance(out, torch.Tensor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, seed: int | None) ->
             opt.zero_grad()
             losses.append(float(loss.detach()))
         Path(out, f"rank{rank}.json").write_text(json.dumps({"calls": calls, "losses": losses}))
-    finally:
+        del ddp, opt
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _shutdown()
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -81,8 +85,22 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             fully_shard(block)
         fully_shard(model)
         Path(out, f"rank{rank}.json").write_text(json.dumps({"losses": _train(model.train(), 3)}))
-    finally:
+        del model
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _shutdown()
+
+
+def _shutdown() -> None:
+    # Wait for the other rank, tear gloo down, and leave without the interpreter's teardown: gloo's
+    # background threads occasionally abort a process at exit ("terminate called without an active
+    # exception") after all its work is done and its results are written.
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _train(model: torch.nn.Module, steps: int) -> list[float]:
