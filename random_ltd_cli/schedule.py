@@ -17,6 +17,7 @@ The schedule, with global step ``g`` (one optimizer step, however many micro-bat
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,13 +112,20 @@ class RandomLTDScheduler:
 
     @classmethod
     def from_config(cls, config: RandomLTDConfig, *, global_batch_size: int | None = None) -> RandomLTDScheduler:
-        """Build from a :class:`~random_ltd_cli.deepspeed_config.RandomLTDConfig` (``enabled`` is not checked)."""
+        """Build from a :class:`~random_ltd_cli.deepspeed_config.RandomLTDConfig` (``enabled`` is not checked).
+
+        Without a known global batch size (a bare ``random_ltd`` block has none) the schedule is
+        the same, and the layer-token accounting counts one sample per step, with a warning.
+        """
         batch = global_batch_size if global_batch_size is not None else config.global_batch_size
         if batch is None:
-            raise ConfigError(
-                f"{config.source}: global_batch_size is unknown: set the top-level train_batch_size in the "
-                "DeepSpeed config, or pass global_batch_size= (samples per optimizer step across all ranks)"
+            warnings.warn(
+                f"{config.source}: the global batch size is unknown (no train_batch_size), so consumed layer-tokens "
+                "are counted per sample; pass global_batch_size= (samples per optimizer step across all ranks)",
+                UserWarning,
+                stacklevel=3,
             )
+            batch = 1
         return cls(
             config.min_value,
             config.max_value,
@@ -135,7 +143,7 @@ class RandomLTDScheduler:
         cfg: ConfigSource,
         *,
         global_batch_size: int | None = None,
-        require_enabled: bool = True,
+        require_enabled: bool = False,
     ) -> RandomLTDScheduler:
         """Build from DeepSpeed's JSON settings.
 
@@ -145,10 +153,10 @@ class RandomLTDScheduler:
                 :func:`~random_ltd_cli.deepspeed_config.read_deepspeed_config`). Not modified.
             global_batch_size: overrides the config's top-level ``train_batch_size``.
             require_enabled: refuse a block whose ``enabled`` is not ``true`` (DeepSpeed would
-                not use random-LTD with it).
+                not use random-LTD with it); by default the block's settings are used as they are.
 
         Raises:
-            ConfigError: bad or missing settings, unknown batch size, or a disabled block.
+            ConfigError: bad or missing settings, or (with ``require_enabled``) a disabled block.
         """
         config = read_deepspeed_config(cfg, global_batch_size=global_batch_size)
         if require_enabled and not config.enabled:

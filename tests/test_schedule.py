@@ -315,11 +315,12 @@ def test_from_deepspeed_dict_block_and_file(tmp_path: Path) -> None:
 
 
 def test_from_deepspeed_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"global_batch_size is unknown: set the top-level train_batch_size"):
-        RandomLTDScheduler.from_deepspeed(_ds_config()["data_efficiency"]["data_routing"]["random_ltd"])
+    with pytest.warns(UserWarning, match=r"global batch size is unknown .* counted per sample"):
+        bare = RandomLTDScheduler.from_deepspeed(_ds_config()["data_efficiency"]["data_routing"]["random_ltd"])
+    assert bare.global_batch_size == 1 and bare.step() == 4  # the schedule itself needs no batch size
     with pytest.raises(ConfigError, match=r"random_ltd\.enabled is not true.*require_enabled=False"):
-        RandomLTDScheduler.from_deepspeed(_ds_config(enabled=False))
-    assert RandomLTDScheduler.from_deepspeed(_ds_config(enabled=False), require_enabled=False).max_value == 8
+        RandomLTDScheduler.from_deepspeed(_ds_config(enabled=False), require_enabled=True)
+    assert RandomLTDScheduler.from_deepspeed(_ds_config(enabled=False)).max_value == 8
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     with pytest.raises(ConfigError, match=r"bad\.json': is not valid JSON"):
