@@ -221,6 +221,19 @@ class RandomLTDScheduler:
         """Sum over the steps seen so far of ``global_batch_size * (tokens each layer processed)``."""
         return self._consumed
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments, as a JSON-friendly dict (recorded in converted checkpoints)."""
+        return {
+            "min_value": self.min_value,
+            "max_value": self.max_value,
+            "require_steps": self.require_steps,
+            "seq_per_step": self.seq_per_step,
+            "total_layer_num": self.total_layer_num,
+            "random_ltd_layer_num": self.random_ltd_layer_num,
+            "global_batch_size": self.global_batch_size,
+            "schedule_type": self.schedule_type,
+        }
+
     def get_random_ltd_layer_num(self) -> int:
         """DeepSpeed's name for :attr:`random_ltd_layer_num`."""
         return self.random_ltd_layer_num

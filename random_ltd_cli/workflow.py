@@ -18,7 +18,6 @@ from .errors import CheckpointError, ConfigError
 
 __all__ = ["ConvertResult", "ModelReport", "convert_target", "describe_target", "load_weights_strict"]
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 METADATA_KEY = "random_ltd"
 
 
@@ -113,32 +112,39 @@ def load_weights_strict(model: Any, state: dict[str, Any], source: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def _plan(
-    model: Any, target: str, layer_type: str | None, layers: str, ds_config: str | None
-) -> tuple[ModelReport, dict[str, Any]]:
-    """Convert a deep copy of nothing: compute what would be wrapped without touching ``model``."""
-    from .convert import match_layers, select_layers, unwrap_parallel
-    from .deepspeed_config import read_deepspeed_config
+def _convert(
+    model: Any, target: str, layer_type: str | None, layers: str, cfg: Any, scheduler: Any
+) -> ModelReport:
+    """Convert ``model`` in place with the library's own selection and report its layer stack."""
+    from .convert import convert_to_random_ltd, match_layers, random_ltd_layers, unwrap_parallel
 
     root = unwrap_parallel(model)
     cls = _layer_type(layer_type)
-    candidates = match_layers(root, cls, None)
-    spec: Any = layers
-    cfg = read_deepspeed_config(ds_config) if ds_config else None
-    if cfg is not None and layers == "middle" and cfg.random_ltd_layer_id is not None:
-        spec = list(cfg.random_ltd_layer_id)
-    chosen = set(select_layers(candidates, spec))
-    rows = [LayerRow(i, n, type(m).__name__, i in chosen) for i, (n, m) in enumerate(candidates)]
-    report = ModelReport(
+    candidates = match_layers(root, cls, None)  # before wrapping: the names stay the same
+    parameter_count = sum(p.numel() for p in root.parameters())
+    convert_to_random_ltd(model, cls, layers=layers, ds_config=cfg, scheduler=scheduler)
+    wrapped = {name for name, _ in random_ltd_layers(model)}
+    rows = [LayerRow(i, n, type(m).__name__, n in wrapped) for i, (n, m) in enumerate(candidates)]
+    return ModelReport(
         format="model",
         target=target,
         model_class=type(root).__name__,
-        parameter_count=sum(p.numel() for p in root.parameters()),
+        parameter_count=parameter_count,
         layer_class=", ".join(sorted({r.cls for r in rows})),
         layers=rows,
         wrapped_layers=[r.name for r in rows if r.wrapped],
     )
-    return report, {"layer_type": cls, "layers": spec, "ds_config": cfg}
+
+
+def _deepspeed(ds_config: str | None, batch_size: int) -> tuple[Any, Any]:
+    """The parsed DeepSpeed block and its scheduler (batch size ``batch_size`` when the file has none)."""
+    if not ds_config:
+        return None, None
+    from .deepspeed_config import read_deepspeed_config
+    from .schedule import RandomLTDScheduler
+
+    cfg = read_deepspeed_config(ds_config)
+    return cfg, RandomLTDScheduler.from_config(cfg, global_batch_size=cfg.global_batch_size or batch_size)
 
 
 def describe_target(
@@ -161,42 +167,27 @@ def describe_target(
     to ``seq_len`` (default: the model config's maximum length) over ``require_steps`` (default
     ``steps``). ``estimate`` is ``None`` when the sequence length is unknown.
     """
-    model = _build(target, init)
-    report, plan = _plan(model, target, layer_type, layers, ds_config)
-    report.estimate = _estimate(model, report, plan, steps, seq_len, min_value, require_steps, seq_per_step,
-                                batch_size)
-    return report
-
-
-def _estimate(
-    model: Any, report: ModelReport, plan: dict[str, Any], steps: int, seq_len: int | None,
-    min_value: int | None, require_steps: int | None, seq_per_step: int, batch_size: int,
-) -> dict[str, Any] | None:
     from .schedule import RandomLTDScheduler
 
-    cfg = plan["ds_config"]
-    n_total, n_ltd = len(report.layers), len(report.wrapped_layers)
-    if cfg is not None:
-        sched = RandomLTDScheduler(cfg.min_value, cfg.max_value, cfg.require_steps, cfg.seq_per_step,
-                                   total_layer_num=cfg.total_layer_num, random_ltd_layer_num=cfg.random_ltd_layer_num,
-                                   global_batch_size=cfg.global_batch_size or batch_size)
-    else:
+    model = _build(target, init)
+    cfg, sched = _deepspeed(ds_config, batch_size)
+    report = _convert(model, target, layer_type, layers, cfg, sched)  # the model is built for this report only
+    if sched is None:
         s = seq_len or _max_length(model)
         if s is None:
-            return None
+            return report
         lo = min_value if min_value is not None else max(1, s // 4)
-        sched = RandomLTDScheduler(lo, s, require_steps or steps, min(seq_per_step, lo), total_layer_num=n_total,
-                                   random_ltd_layer_num=n_ltd, global_batch_size=batch_size)
-    return {
+        sched = RandomLTDScheduler(lo, s, require_steps or steps, min(seq_per_step, lo),
+                                   total_layer_num=len(report.layers),
+                                   random_ltd_layer_num=len(report.wrapped_layers), global_batch_size=batch_size)
+    report.estimate = {
         "steps": steps,
-        "schedule": {"min_value": sched.min_value, "max_value": sched.max_value,
-                     "require_steps": sched.require_steps, "seq_per_step": sched.seq_per_step,
-                     "total_layer_num": sched.total_layer_num, "random_ltd_layer_num": sched.random_ltd_layer_num,
-                     "global_batch_size": sched.global_batch_size},
+        "schedule": sched.settings(),
         "layer_tokens": sched.layer_tokens_at(steps),
         "baseline_layer_tokens": sched.baseline_layer_tokens(steps),
         "saving": sched.estimated_saving(steps),
     }
+    return report
 
 
 def _max_length(model: Any) -> int | None:
@@ -239,21 +230,19 @@ def convert_target(
         from .checkpoint import load_state_dict
 
         load_weights_strict(model, load_state_dict(weights, trust_pickle=trust_pickle), str(weights))
-    report, plan = _plan(model, target, layer_type, layers, ds_config)
-    from .convert import convert_to_random_ltd, random_ltd_layers
-
-    scheduler = None
-    cfg = plan["ds_config"]
-    if cfg is not None and cfg.global_batch_size is None:
-        from .schedule import RandomLTDScheduler
-
-        scheduler = RandomLTDScheduler.from_config(cfg, global_batch_size=1)  # the batch only affects accounting
-    convert_to_random_ltd(model, plan["layer_type"], layers=plan["layers"], ds_config=cfg, scheduler=scheduler)
-    wrapped = [n for n, _ in random_ltd_layers(model)]
-    settings = _settings(report, wrapped, cfg, target)
+    cfg, sched = _deepspeed(ds_config, 1)  # the batch size only affects layer-token accounting
+    report = _convert(model, target, layer_type, layers, cfg, sched)
+    settings = {
+        "random_ltd_version": __version__,
+        "target": target,
+        "model_class": report.model_class,
+        "layer_class": report.layer_class,
+        "wrapped_layers": report.wrapped_layers,
+        "total_layer_num": len(report.layers),
+        "schedule": sched.settings() if sched is not None else None,
+    }
     result = ConvertResult(**{**asdict(report), "layers": report.layers}, dry_run=dry_run,
                            weights=str(weights) if weights is not None else None, settings=settings)
-    result.wrapped_layers = wrapped
     if out_path is not None and not dry_run:
         from .checkpoint import save_state_dict
 
@@ -262,27 +251,12 @@ def convert_target(
     return result
 
 
-def _settings(report: ModelReport, wrapped: list[str], cfg: Any, target: str) -> dict[str, Any]:
-    schedule = None
-    if cfg is not None:
-        schedule = {"min_value": cfg.min_value, "max_value": cfg.max_value, "schedule_type": cfg.schedule_type,
-                    "require_steps": cfg.require_steps, "seq_per_step": cfg.seq_per_step,
-                    "total_layer_num": cfg.total_layer_num, "random_ltd_layer_num": cfg.random_ltd_layer_num}
-    return {
-        "random_ltd_version": __version__,
-        "target": target,
-        "model_class": report.model_class,
-        "layer_class": report.layer_class,
-        "wrapped_layers": wrapped,
-        "total_layer_num": len(report.layers),
-        "schedule": schedule,
-    }
-
-
 def _output_format(path: Path) -> str:
-    if path.suffix in TORCH_SUFFIXES:
+    from .checkpoint import TORCH_SUFFIXES
+
+    if path.suffix.lower() in TORCH_SUFFIXES:
         return "torch"
-    if path.suffix in (".safetensors", ""):
+    if path.suffix.lower() in (".safetensors", ""):
         return "safetensors"
     raise ConfigError(f"-o {str(path)!r}: unknown file type {path.suffix!r}; use .safetensors (default) or .pt.")
 

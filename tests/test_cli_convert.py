@@ -119,6 +119,8 @@ def test_inspect_model_import_path_with_estimate() -> None:
 def test_inspect_lists_checkpoints_in_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _run("convert", TARGET, "--init", INIT, "-o", str(tmp_path / "a.safetensors")).exit_code == 0
     torch.save(_gpt().state_dict(), tmp_path / "b.pt")
+    (tmp_path / "notes").mkdir()  # a folder that is not a checkpoint is skipped
+    (tmp_path / "notes" / "readme.txt").write_text("hello")
     monkeypatch.chdir(tmp_path)
     r = _run("inspect", "--json")
     assert r.exit_code == 0, r.stderr
@@ -126,6 +128,26 @@ def test_inspect_lists_checkpoints_in_current_folder(tmp_path: Path, monkeypatch
     assert data["format"] == "listing"
     assert sorted(Path(c["path"]).name for c in data["checkpoints"]) == ["a.safetensors", "b.pt"]
     assert data["wrapped_layers"] == ["transformer.h.1", "transformer.h.2"]
+
+
+def test_deepspeed_config_gives_layers_and_schedule(tmp_path: Path) -> None:
+    block = {
+        "enabled": True, "total_layer_num": 4, "random_ltd_layer_num": 2, "random_ltd_layer_id": [1, 3],
+        "random_ltd_schedule": {"min_value": 8, "max_value": 32, "schedule_type": "fixed_linear",
+                                "schedule_config": {"require_steps": 100, "seq_per_step": 8}},
+    }
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 16, "data_efficiency": {"data_routing": {"random_ltd": block}}}))
+    out = tmp_path / "ltd.safetensors"
+    r = _run("convert", TARGET, "--init", INIT, "--ds-config", str(ds), "-o", str(out), "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["wrapped_layers"] == ["transformer.h.1", "transformer.h.3"]
+    info = json.loads(_run("inspect", str(out), "--json").stdout)
+    settings = info["metadata"]["random_ltd"]
+    settings = json.loads(settings) if isinstance(settings, str) else settings
+    assert settings["schedule"]["min_value"] == 8 and settings["schedule"]["max_value"] == 32
+    est = json.loads(_run("inspect", TARGET, "--init", INIT, "--ds-config", str(ds), "--json").stdout)["estimate"]
+    assert est["schedule"]["global_batch_size"] == 16 and 0 < est["saving"] < 1
 
 
 def test_hf_folder_target(tmp_path: Path) -> None:

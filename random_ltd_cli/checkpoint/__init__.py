@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._common import TensorInfo
+from ._common import TORCH_SUFFIXES, TensorInfo
 from ._detect import FORMATS
 from ._detect import detect_format as _detect_format
 from ._io import ProgressFn
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "FORMATS",
+    "TORCH_SUFFIXES",
     "CheckpointInfo",
     "ProgressFn",
     "StripReport",

@@ -10,7 +10,10 @@ from typing import Any, Protocol
 
 from ._io import Progress
 
-__all__ = ["FilePlan", "TensorInfo", "plain_metadata"]
+__all__ = ["TORCH_SUFFIXES", "FilePlan", "TensorInfo", "plain_metadata"]
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+"""File names torch.save checkpoints usually carry (anything else is written as safetensors)."""
 
 
 @dataclass

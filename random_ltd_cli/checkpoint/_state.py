@@ -12,6 +12,7 @@ import torch
 
 from ..errors import CheckpointError, UnsafePickleError
 from ._atomic import atomic_file, atomic_path
+from ._common import TORCH_SUFFIXES
 from ._deepspeed_dir import model_state_files
 from ._detect import detect_format, file_format
 from ._hf_dir import hf_weight_files, indexes
@@ -20,9 +21,6 @@ from ._torch import read_torch
 from ._torch_names import CONTAINER_KEYS
 
 __all__ = ["load_state_dict", "save_state_dict"]
-
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
 
 def _has_tensors(obj: Any) -> bool:
     return isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values())

@@ -14,8 +14,6 @@ from ._app import JsonOption, app, fail, user_errors
 from ._render import human_count, layers_table, print_json, stdout_console
 from .convert import DsConfigOption, InitOption, LayersOption, LayerTypeOption, TrustPickleOption
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
 
 @app.command()
 def inspect(
@@ -97,12 +95,17 @@ def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool) -> None:
 
 
 def _show_listing(folder: Path, as_json: bool, trust_pickle: bool) -> None:
-    from ..checkpoint import inspect_checkpoint
+    from ..checkpoint import TORCH_SUFFIXES, detect_format, inspect_checkpoint
     from ..errors import RandomLTDError
 
     rows = []
     for entry in sorted(folder.iterdir()):
-        if not (entry.suffix in CHECKPOINT_SUFFIXES or (entry.is_dir() and _looks_like_checkpoint_dir(entry))):
+        if entry.is_dir():
+            try:
+                detect_format(entry)
+            except RandomLTDError:
+                continue  # not a checkpoint folder
+        elif entry.suffix.lower() not in (".safetensors", *TORCH_SUFFIXES):
             continue
         try:
             rows.append(_checkpoint_json(inspect_checkpoint(entry, trust_pickle=trust_pickle)))
@@ -121,12 +124,6 @@ def _show_listing(folder: Path, as_json: bool, trust_pickle: bool) -> None:
         table.add_row(escape(Path(r["path"]).name), r["format"], str(r.get("tensor_count", "-")),
                       human_count(r.get("parameter_count", 0)), str(len(r.get("wrapped_layers", []))))
     stdout_console().print(table)
-
-
-def _looks_like_checkpoint_dir(path: Path) -> bool:
-    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
-    return bool(names & {"config.json", "latest", "model.safetensors", "pytorch_model.bin",
-                         "model.safetensors.index.json", "pytorch_model.bin.index.json"})
 
 
 def _show_model(target: str, as_json: bool, **options: Any) -> None:
