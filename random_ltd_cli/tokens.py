@@ -55,16 +55,20 @@ def scatter_tokens(hidden: torch.Tensor, kept_out: torch.Tensor, flat: torch.Ten
     kept tokens ``[B,r,H]`` / ``[r,B,H]``. If the layer changed the dtype (autocast), the
     dropped tokens are cast to the output dtype, as the layer's own output would be.
     """
-    if kept_out.shape[2:] != hidden.shape[2:]:
-        raise InputError(
-            f"the wrapped layer returned hidden states of shape {tuple(kept_out.shape)} for input "
-            f"{tuple(hidden.shape)}: random-LTD needs a layer whose output has the input's feature size; "
-            "wrap only layers that keep the hidden size."
-        )
+    _check_kept_output(hidden, kept_out, flat)
     base = hidden if hidden.dtype == kept_out.dtype else hidden.to(kept_out.dtype)
     lead = hidden.shape[0] * hidden.shape[1]
     out = base.reshape(lead, *hidden.shape[2:]).index_copy(0, flat, kept_out.reshape(-1, *hidden.shape[2:]))
     return out.view(hidden.shape)
+
+
+def _check_kept_output(hidden: torch.Tensor, kept_out: torch.Tensor, flat: torch.Tensor) -> None:
+    if kept_out.shape[2:] != hidden.shape[2:] or kept_out.shape[0] * kept_out.shape[1] != flat.numel():
+        raise InputError(
+            f"the wrapped layer returned hidden states of shape {tuple(kept_out.shape)} for "
+            f"{flat.numel()} kept tokens of input {tuple(hidden.shape)}: random-LTD needs a layer whose output "
+            "has its input's shape; wrap only layers that keep the sequence length and the hidden size."
+        )
 
 
 class _Link:
@@ -153,16 +157,18 @@ class TokenRoute:
     def merge(self, kept_out: torch.Tensor) -> torch.Tensor:
         if not self._fused or not kept_out.requires_grad:
             return scatter_tokens(self.hidden, kept_out, self.flat)
-        if kept_out.shape[2:] != self.hidden.shape[2:]:
-            scatter_tokens(self.hidden, kept_out, self.flat)  # raises the shape error
+        _check_kept_output(self.hidden, kept_out, self.flat)
         return _Merge.apply(self.hidden, kept_out, self._token, self.flat, self._link)
 
 
 def _expand_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(batch, *t.shape[1:])
+    _check_batch(t, batch, what)
+    return t if t.shape[0] == batch else t.expand(batch, *t.shape[1:])
+
+
+def _check_batch(t: torch.Tensor, batch: int, what: str) -> None:
+    if t.shape[0] in (1, batch):
+        return
     raise InputError(
         f"{what} has batch size {t.shape[0]} but the hidden states have batch size {batch}; pass a "
         f"{what} with batch size {batch} or 1 (or check the layer's batch_first setting)."
@@ -199,8 +205,7 @@ def gather_mask(mask: Any, idx: torch.Tensor, seq_len: int, name: str = "attenti
     if mask.dim() in (3, 4) and mask.shape[-1] == seq_len and mask.shape[-2] in (1, seq_len):
         squeeze = mask.dim() == 3
         m = mask.unsqueeze(1) if squeeze else mask
-        if m.shape[0] not in (1, batch):
-            _expand_batch(m, batch, name)  # raises the batch-size error
+        _check_batch(m, batch, name)
         heads = m.shape[1]
         # rows are queries (keep the kept ones, one row copy each), or a single broadcast row
         m = _gather_query_rows(m, idx, seq_len) if m.shape[2] == seq_len else _expand_batch(m, batch, name)

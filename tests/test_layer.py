@@ -480,3 +480,23 @@ def test_fused_gradients_equal_plain_autograd_reference(autocast: bool) -> None:
     torch.testing.assert_close(x.grad, xr.grad)
     for a, p in zip(grads, layer.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Linear(4, 6), nn.Conv1d(4, 4, kernel_size=2)],  # changes the feature size / the sequence length
+    ids=["hidden-size", "length"],
+)
+def test_layer_that_changes_shape_is_an_input_error(layer: nn.Module) -> None:
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = layer
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) if isinstance(self.inner, nn.Linear) else self.inner(x.transpose(1, 2)).transpose(1, 2)
+
+    w = _wrap(Wrap(), 3)
+    for requires_grad in (True, False):
+        with pytest.raises(InputError, match=r"returned hidden states of shape .* for 6 kept tokens of input"):
+            w(torch.randn(2, 5, 4, requires_grad=requires_grad))
