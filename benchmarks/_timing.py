@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,21 @@ def write_json(name: str, payload: dict[str, Any], path: str | None = None) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     return out
+
+
+def finish(
+    name: str, title: str, rows: list[tuple[str, str]], result: dict[str, Any], argv: list[str] | None,
+    smoke: bool, json_path: str | None, device: str,
+) -> dict[str, Any]:
+    """Add the machine and the command to ``result``, print the table, and write the JSON (not for smoke runs)."""
+    result["machine"] = machine(device)
+    result["command"] = f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(title)
+    for label, value in rows:
+        print(f"  {label:<30}{value:>10}")
+    if not smoke or json_path:
+        print(f"  json: {write_json(name, result, json_path)}")
+    return result
 
 
 def dtype_of(name: str) -> torch.dtype:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import dtype_of, interleaved, machine, median, write_json
+from _timing import dtype_of, finish, interleaved, median
 
 from random_ltd_cli import RandomLayerTokenDrop
 
@@ -69,23 +69,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     times = interleaved({"wrapped": run_wrapped, "bare": run_bare}, a.repeats, a.warmup, a.device)
     tw, tb = median(times["wrapped"]), median(times["bare"])
-    result: dict[str, object] = {
+    result = {
         "benchmark": "layer_overhead",
         "config": {"batch": a.batch, "seq": a.seq, "keep": keep, "hidden": a.hidden, "heads": a.heads,
                    "dtype": a.dtype, "repeats": a.repeats},
         "median_s": {"wrapped": tw, "bare_on_gathered": tb},
         "ratio_wrapped_over_bare": tw / tb,
         "target": 1.03,
-        "machine": machine(a.device),
-        "command": "python benchmarks/layer_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    print(f"layer overhead: GPT-2 block H={a.hidden}, B={a.batch}, S={a.seq}, r={keep}, {a.dtype} on {a.device}")
-    print(f"  {'wrapped (full batch)':<28}{tw * 1e3:10.1f} ms")
-    print(f"  {'bare (gathered tokens)':<28}{tb * 1e3:10.1f} ms")
-    print(f"  {'ratio wrapped / bare':<28}{tw / tb:10.3f}   (target <= 1.03)")
-    if not a.smoke or a.json_path:
-        print(f"  json: {write_json('layer_overhead', result, a.json_path)}")
-    return result
+    title = f"layer overhead: GPT-2 block H={a.hidden}, B={a.batch}, S={a.seq}, r={keep}, {a.dtype} on {a.device}"
+    rows = [("wrapped (full batch)", f"{tw * 1e3:.1f} ms"), ("bare (gathered tokens)", f"{tb * 1e3:.1f} ms"),
+            ("ratio wrapped / bare", f"{tw / tb:.3f}"), ("target", "<= 1.03")]
+    return finish("layer_overhead", title, rows, result, argv, a.smoke, a.json_path, a.device)
 
 
 if __name__ == "__main__":

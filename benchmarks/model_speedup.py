@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import dtype_of, interleaved, machine, median, write_json
+from _timing import dtype_of, finish, interleaved, median
 
 from random_ltd_cli import convert_to_random_ltd
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     t = {k: median(v) for k, v in times.items()}
     ideal = t["base"] - n_wrapped * (t["layer_full"] - t["layer_kept"])
     measured_ratio, ideal_ratio = t["ltd"] / t["base"], ideal / t["base"]
-    result: dict[str, object] = {
+    result = {
         "benchmark": "model_speedup",
         "config": {"batch": a.batch, "seq": a.seq, "keep": keep, "layers": a.layers, "wrapped": n_wrapped,
                    "hidden": a.hidden, "heads": a.heads, "vocab": a.vocab, "dtype": a.dtype, "repeats": a.repeats},
@@ -95,20 +95,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "ratio_ideal": ideal_ratio,
         "measured_over_ideal": measured_ratio / ideal_ratio,
         "target_measured_over_ideal": 1.03,
-        "machine": machine(a.device),
-        "command": "python benchmarks/model_speedup.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    print(f"model speed-up: GPT-2 {a.layers} layers H={a.hidden}, layers 1-{a.layers - 2} at r={keep} of S={a.seq}, "
-          f"B={a.batch}, {a.dtype} on {a.device}")
-    print(f"  {'base step':<30}{t['base'] * 1e3:10.1f} ms")
-    print(f"  {'random-LTD step':<30}{t['ltd'] * 1e3:10.1f} ms")
-    print(f"  {'one layer at S / at r':<30}{t['layer_full'] * 1e3:10.1f} / {t['layer_kept'] * 1e3:.1f} ms")
-    print(f"  {'ratio measured (ltd / base)':<30}{measured_ratio:10.3f}")
-    print(f"  {'ratio ideal':<30}{ideal_ratio:10.3f}")
-    print(f"  {'measured / ideal':<30}{measured_ratio / ideal_ratio:10.3f}   (target <= 1.03)")
-    if not a.smoke or a.json_path:
-        print(f"  json: {write_json('model_speedup', result, a.json_path)}")
-    return result
+    title = (f"model speed-up: GPT-2 {a.layers} layers H={a.hidden}, layers 1-{a.layers - 2} at r={keep} of "
+             f"S={a.seq}, B={a.batch}, {a.dtype} on {a.device}")
+    rows = [("base step", f"{t['base'] * 1e3:.1f} ms"), ("random-LTD step", f"{t['ltd'] * 1e3:.1f} ms"),
+            ("one layer at S / at r", f"{t['layer_full'] * 1e3:.1f} / {t['layer_kept'] * 1e3:.1f} ms"),
+            ("ratio measured (ltd / base)", f"{measured_ratio:.3f}"), ("ratio ideal", f"{ideal_ratio:.3f}"),
+            ("measured / ideal", f"{measured_ratio / ideal_ratio:.3f}"), ("target", "<= 1.03")]
+    return finish("model_speedup", title, rows, result, argv, a.smoke, a.json_path, a.device)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, machine, median, write_json
+from _timing import finish, interleaved, median
 
 from random_ltd_cli.sampling import sample_indices
 from random_ltd_cli.tokens import gather_mask
@@ -86,21 +86,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     t = {k: median(v) for k, v in times.items()}
     ratio = t["deepspeed_style"] / t["random_ltd"]
-    result: dict[str, object] = {
+    result = {
         "benchmark": "sampling_cost",
         "config": {"layers": a.layers, "batch": a.batch, "seq": a.seq, "keep": keep, "repeats": a.repeats},
         "median_s": t,
         "ratio_deepspeed_over_ours": ratio,
-        "machine": machine(a.device),
-        "command": "python benchmarks/sampling_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    print(f"sampling + encoder-mask gathering: L={a.layers}, B={a.batch}, S={a.seq}, r={keep} on {a.device}")
-    print(f"  {'deepspeed-style python loop':<30}{t['deepspeed_style'] * 1e3:10.2f} ms")
-    print(f"  {'random-ltd (vectorised)':<30}{t['random_ltd'] * 1e3:10.2f} ms")
-    print(f"  {'ratio deepspeed / ours':<30}{ratio:10.2f}x")
-    if not a.smoke or a.json_path:
-        print(f"  json: {write_json('sampling_cost', result, a.json_path)}")
-    return result
+    title = f"sampling + encoder-mask gathering: L={a.layers}, B={a.batch}, S={a.seq}, r={keep} on {a.device}"
+    rows = [("deepspeed-style python loop", f"{t['deepspeed_style'] * 1e3:.2f} ms"),
+            ("random-ltd (vectorised)", f"{t['random_ltd'] * 1e3:.2f} ms"), ("ratio deepspeed / ours", f"{ratio:.2f}x")]
+    return finish("sampling_cost", title, rows, result, argv, a.smoke, a.json_path, a.device)
 
 
 if __name__ == "__main__":
