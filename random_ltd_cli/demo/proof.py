@@ -77,17 +77,8 @@ class CheckpointProof:
 def random_ltd_metadata(model: torch.nn.Module, scheduler: RandomLTDScheduler, seed: int) -> dict[str, Any]:
     """The settings a converted checkpoint records: layers, schedule, its state, the sampling seed."""
     return {
-        "layers": [name for name, _ in random_ltd_layers(model)],
-        "schedule": {
-            "schedule_type": scheduler.schedule_type,
-            "min_value": scheduler.min_value,
-            "max_value": scheduler.max_value,
-            "require_steps": scheduler.require_steps,
-            "seq_per_step": scheduler.seq_per_step,
-            "total_layer_num": scheduler.total_layer_num,
-            "random_ltd_layer_num": scheduler.random_ltd_layer_num,
-            "global_batch_size": scheduler.global_batch_size,
-        },
+        "wrapped_layers": [name for name, _ in random_ltd_layers(model)],
+        "schedule": scheduler.settings(),
         "state": scheduler.state_dict(),
         "seed": seed,
     }
