@@ -229,3 +229,37 @@ def test_real_subprocess_convert_and_inspect(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "random_ltd_cli", "convert", "nosuch:X"], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 1 and p.stderr.startswith("Error: ") and p.stdout == ""
+
+
+def test_output_equal_to_weights_is_refused_and_weights_untouched(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    torch.save(_gpt().state_dict(), weights)
+    before = weights.read_bytes()
+    r = _run("convert", TARGET, "--init", INIT, "--weights", str(weights), "-o", str(weights))
+    assert r.exit_code == 1
+    assert "is the --weights file" in _error_line(r)
+    assert weights.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("attr", "extra", "message"),
+    [
+        ("INSTANCE", ["--init", '{"n_layer": 2}'], "is a module instance; --init only applies to a class or a factory"),
+        ("not_a_model", [], "factory '{file}:not_a_model' returned int, not an nn.Module"),
+        ("make", ["--layer-type", "{file}:make"], "--layer-type '{file}:make' is a function, not an nn.Module class"),
+    ],
+)
+def test_file_targets_that_are_not_models(tmp_path: Path, attr: str, extra: list[str], message: str) -> None:
+    src = tmp_path / "models_here.py"
+    src.write_text(
+        "from random_ltd_cli.model import GPT, GPTConfig\n"
+        f"INSTANCE = GPT(GPTConfig(**{INIT}))\n"
+        "def not_a_model():\n    return 3\n"
+        f"def make():\n    return GPT(GPTConfig(**{INIT}))\n"
+    )
+    out = tmp_path / "out.safetensors"
+    args = [a.replace("{file}", str(src)) for a in extra]
+    r = _run("convert", f"{src}:{attr}", *args, "-o", str(out))
+    assert r.exit_code == 1, r.stdout
+    assert message.format(file=src) in _error_line(r)
+    assert not out.exists()
