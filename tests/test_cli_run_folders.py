@@ -188,3 +188,28 @@ def test_peft_adapter_folder(tmp_path: Path) -> None:
     info = inspect_checkpoint(tmp_path / "adapter")
     assert info.format == "hf-dir" and info.kind == "peft-adapter"
     assert info.side_files["adapter_config.json"] == "adapter config (PEFT)"
+
+
+def test_lightning_checkpoints_folder(tmp_path: Path) -> None:
+    # Problem 3: "inspect checkpoints/" on last.ckpt + epoch=0-step=25.ckpt failed
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    state = {"layers.1.random_ltd_layer.w": torch.ones(2), "layers.0.w": torch.zeros(2)}
+    for name in ("last.ckpt", "epoch=0-step=25.ckpt"):
+        torch.save({"state_dict": state, "epoch": 0, "global_step": 25, "pytorch-lightning_version": "2.6.6"},
+                   folder / name)
+    data = json.loads(run("inspect", folder, "--json").stdout)
+    assert data["format"] == "run-dir" and data["kind"] == "lightning-checkpoints"
+    assert [Path(c["path"]).name for c in data["checkpoints"]] == ["epoch=0-step=25.ckpt", "last.ckpt"]
+    assert all(c["wrapped_layers"] == ["layers.1"] for c in data["checkpoints"])
+    result = run("strip", folder / "last.ckpt")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=25.ckpt", "last.ckpt"]  # no last*.ckpt added
+    assert (tmp_path / "checkpoints.stripped" / "last.ckpt").is_file()
+
+
+def test_inspect_here_without_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run("inspect", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["error"].startswith("no checkpoints found in ")

@@ -275,3 +275,16 @@ def test_progress_bar_draws_on_stderr_only(capsys: pytest.CaptureFixture[str]) -
     assert bar.bar is not None
     bar.close()
     assert capsys.readouterr().out == ""
+
+
+def test_plain_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 10, problem 8: without a terminal nothing showed progress
+    from random_ltd_cli.cli.strip import PROGRESS_MIN_BYTES, _ProgressBar
+
+    bar = _ProgressBar()
+    bar.enabled = False  # as when stderr is a pipe or a log file
+    bar(PROGRESS_MIN_BYTES // 2, 2 * PROGRESS_MIN_BYTES)  # under the interval: no line yet
+    bar(2 * PROGRESS_MIN_BYTES, 2 * PROGRESS_MIN_BYTES)  # the end always gets a line
+    bar.close()
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "stripping: 0.12 of 0.12 GiB (100%), 0s elapsed\n"
