@@ -100,6 +100,7 @@ class RunEntry:
     name: str
     format: str
     plan: FilePlan | DirPlan
+    entries: list[RunEntry] = field(default_factory=list)  # a run folder inside the run folder
 
 
 def plan_run(root: Path, *, trust_pickle: bool) -> tuple[DirPlan, list[RunEntry]]:
@@ -112,15 +113,19 @@ def plan_run(root: Path, *, trust_pickle: bool) -> tuple[DirPlan, list[RunEntry]
     for path in run_entries(root):
         if path.is_dir():
             fmt = detect_format(path)
-            sub: FilePlan | DirPlan = plan_dir(path, fmt, trust_pickle=trust_pickle)
-            assert isinstance(sub, DirPlan)
+            nested: list[RunEntry] = []
+            if fmt == "run-dir":
+                sub, nested = plan_run(path, trust_pickle=trust_pickle)
+            else:
+                sub = plan_dir(path, fmt, trust_pickle=trust_pickle)
             plan.files.update({f"{path.name}/{rel}": p for rel, p in sub.files.items()})
             plan.rewrites.update({f"{path.name}/{rel}": c for rel, c in sub.rewrites.items()})
         else:
             fmt = file_format(path)
-            sub = plan_file(path, trust_pickle=trust_pickle)
-            plan.files[path.name] = sub
-        entries.append(RunEntry(path.name, fmt, sub))
+            file_plan = plan_file(path, trust_pickle=trust_pickle)
+            plan.files[path.name] = file_plan
+            nested = []
+        entries.append(RunEntry(path.name, fmt, sub if path.is_dir() else file_plan, nested))
     return plan, entries
 
 

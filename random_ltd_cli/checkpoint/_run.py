@@ -79,7 +79,10 @@ def _is_weights_file(path: Path) -> bool:
 
 
 def _is_checkpoint_folder(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and (is_deepspeed_dir(path) or is_hf_weights_dir(path))
+    """A sub-folder that holds checkpoints at its top level (one model, or several standalone files)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return is_deepspeed_dir(path) or any(_is_weights_file(p) for p in path.iterdir()) or bool(indexes(path))
 
 
 def is_hf_weights_dir(root: Path) -> bool:

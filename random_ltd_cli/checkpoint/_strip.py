@@ -29,6 +29,8 @@ def default_output(src: Path) -> Path:
     the same name: ``out/checkpoint-500`` -> ``out.stripped/checkpoint-500``, ``checkpoints/last.ckpt``
     -> ``checkpoints.stripped/last.ckpt`` (Accelerate's ``checkpoint_N`` likewise).
     """
+    if not src.name:  # "." or ".."
+        src = Path(os.path.abspath(src))
     managed = checkpoint_default_output(src)
     if managed is not None:
         return managed
@@ -99,16 +101,7 @@ def strip(
         plan = plan_dir(source, fmt, trust_pickle=trust_pickle)
     else:
         plan = plan_file(source, trust_pickle=trust_pickle)
-    report = _report(fmt, source, target, plan, in_place=in_place, dry_run=dry_run)
-    report.entries = [
-        _report(e.format, source / e.name, target / e.name, e.plan, in_place=in_place, dry_run=dry_run)
-        for e in entries
-    ]
-    if entries:
-        report.renamed = [pair for e in report.entries for pair in e.renamed]
-        report.renamed_count = len(report.renamed)
-        report.untouched_count = sum(e.untouched_count for e in report.entries)
-        report.side_renamed_count = sum(e.side_renamed_count for e in report.entries)
+    report = _report(fmt, source, target, plan, entries, in_place=in_place, dry_run=dry_run)
     explicit_copy = dst is not None and not in_place  # "-o OUT" always leaves a result at OUT
     if dry_run or not (plan.changed or explicit_copy):
         return report
@@ -123,16 +116,24 @@ def strip(
                 made.rmdir()  # only if still empty
         raise
     report.output, report.wrote = target, True
-    for entry in report.entries:  # the folder is written whole: every checkpoint is there, stripped or copied
-        entry.output, entry.wrote = target / entry.source.name, True
+    _mark_written(report, target)
     return report
 
 
+def _mark_written(report: StripReport, target: Path) -> None:
+    """A run folder is written whole: every checkpoint in it is there, stripped or copied."""
+    for entry in report.entries:
+        entry.output, entry.wrote = target / entry.source.name, True
+        _mark_written(entry, target / entry.source.name)
+
+
 def _report(
-    fmt: str, source: Path, target: Path, plan: FilePlan | DirPlan, *, in_place: bool, dry_run: bool
+    fmt: str, source: Path, target: Path, plan: FilePlan | DirPlan, entries: list[RunEntry], *,
+    in_place: bool, dry_run: bool,
 ) -> StripReport:
+    """The report of one plan; for a run folder, one report per checkpoint and their totals."""
     renamed = [(old, new) for old, new in plan.weights.items() if old != new]
-    return StripReport(
+    report = StripReport(
         format=fmt,
         source=source,
         output=target if plan.changed else None,
@@ -142,6 +143,17 @@ def _report(
         in_place=in_place,
         dry_run=dry_run,
     )
+    if entries:
+        report.entries = [
+            _report(e.format, source / e.name, target / e.name, e.plan, e.entries, in_place=in_place,
+                    dry_run=dry_run)
+            for e in entries
+        ]
+        report.renamed = [pair for e in report.entries for pair in e.renamed]
+        report.renamed_count = len(report.renamed)
+        report.untouched_count = sum(e.untouched_count for e in report.entries)
+        report.side_renamed_count = sum(e.side_renamed_count for e in report.entries)
+    return report
 
 
 def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> CheckpointInfo:

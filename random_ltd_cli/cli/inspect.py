@@ -95,8 +95,10 @@ def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool, here: bool =
         console.print(escape(f"other files (copied unchanged by strip): {other}"), soft_wrap=True)
 
 
-def _kind(info: Any) -> str:
-    return info.format if info.kind in ("file", "hf-model", "deepspeed", "run") else f"{info.format}, {info.kind}"
+def _kind(info: Any, short: bool = False) -> str:
+    if info.kind in ("file", "hf-model", "deepspeed", "run"):
+        return info.format
+    return info.kind if short else f"{info.format}, {info.kind}"
 
 
 def _info_table(info: Any, data: dict[str, Any]) -> Table:
@@ -122,14 +124,15 @@ def _info_table(info: Any, data: dict[str, Any]) -> Table:
 
 
 def _run_table(info: Any) -> Table:
-    table = Table(title=escape(f"{info.path} ({_kind(info)}): {len(info.entries)} checkpoints"), title_justify="left")
-    for col in ("checkpoint", "format", "tensors", "parameters", "wrapped layers"):
-        table.add_column(col)
+    count = f"{len(info.entries)} checkpoint{'s' if len(info.entries) != 1 else ''}"
+    table = Table(title=escape(f"{info.path} ({_kind(info)}): {count}"), title_justify="left")
+    for col in ("checkpoint", "format or kind", "tensors", "parameters", "wrapped layers"):
+        table.add_column(col, no_wrap=col in ("checkpoint", "format or kind"))
     for e in info.entries:
         wrapped = list(e.wrapped_layers)
         shown = f"{len(wrapped)} ({_span(wrapped)})" if wrapped else "none"
-        table.add_row(escape(e.path.name), escape(_kind(e)), str(e.tensor_count), human_count(e.parameter_count),
-                      escape(shown))
+        table.add_row(escape(e.path.name), escape(_kind(e, short=True)), str(e.tensor_count),
+                      human_count(e.parameter_count), escape(shown))
     return table
 
 
