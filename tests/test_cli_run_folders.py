@@ -213,3 +213,15 @@ def test_inspect_here_without_checkpoints(tmp_path: Path, monkeypatch: pytest.Mo
     result = run("inspect", "--json")
     assert result.exit_code == 1
     assert json.loads(result.stdout)["error"].startswith("no checkpoints found in ")
+
+
+def test_an_unreadable_checkpoint_does_not_hide_the_others(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    save_file({"h.1.random_ltd_layer.w": torch.ones(2)}, str(folder / "good.safetensors"))
+    (folder / "bad.pt").write_bytes(b"\x80\x04not a pickle")
+    result = run("inspect", folder)
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "good.safetensors │ safetensors" in text and "bad.pt │ unreadable" in text
+    assert "bad.pt: " in text

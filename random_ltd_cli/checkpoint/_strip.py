@@ -185,9 +185,21 @@ def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Chec
     return info
 
 
+def _inspect_entry(path: Path, *, trust_pickle: bool) -> CheckpointInfo:
+    try:
+        return inspect(path, trust_pickle=trust_pickle)
+    except CheckpointError as exc:
+        return CheckpointInfo(format="unreadable", path=path, tensor_count=0, parameter_count=0, dtypes={},
+                              wrapped_layers=[], metadata={"error": str(exc)}, files=[], kind="error")
+
+
 def _inspect_run(path: Path, *, trust_pickle: bool) -> CheckpointInfo:
-    """A run folder: each checkpoint inspected on its own; the totals add them up."""
-    entries = [inspect(entry, trust_pickle=trust_pickle) for entry in run_entries(path)]
+    """A run folder: each checkpoint inspected on its own; the totals add them up.
+
+    A checkpoint that cannot be read (e.g. a pickle that needs --trust-pickle) is listed with
+    ``format="unreadable"`` and the reason in ``metadata["error"]``; the others are still shown.
+    """
+    entries = [_inspect_entry(entry, trust_pickle=trust_pickle) for entry in run_entries(path)]
     dtypes: Counter[str] = Counter()
     for e in entries:
         dtypes.update(e.dtypes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Annotated, NoReturn
@@ -61,6 +62,23 @@ def fail(message: str, code: int = 1) -> NoReturn:
         sys.stdout.write(json.dumps({"error": line, "exit_code": code}) + "\n")
     print(f"Error: {line}", file=sys.stderr)
     raise typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM like Ctrl-C, so temporary outputs are removed (main thread only)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous: object = None
+    with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
 
 
 def note(message: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._app import DryRunOption, ForceOption, JsonOption, app, note, user_errors
+from ._app import DryRunOption, ForceOption, JsonOption, app, note, sigterm_as_interrupt, user_errors
 from ._render import layers_table, print_json, stdout_console
 
 InitOption = Annotated[
@@ -105,7 +105,7 @@ def convert(
     from ..target import parse_init
     from ..workflow import ScheduleOptions, convert_target
 
-    with user_errors(as_json):
+    with user_errors(as_json), sigterm_as_interrupt():
         result = convert_target(
             target, output=output, init=parse_init(init), weights=weights, layer_type=layer_type, layers=layers,
             ds_config=str(ds_config) if ds_config else None, dry_run=dry_run, trust_pickle=trust_pickle,

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ._app import JsonOption, app, fail, note, user_errors
+from ._app import JsonOption, app, fail, note, sigterm_as_interrupt, user_errors
 
 if TYPE_CHECKING:
     from ..demo.run import DemoResult
@@ -58,7 +58,7 @@ def demo(
             f"{cfg.steps} steps per arm; random-LTD on the middle blocks, r from {cfg.min_value} to {cfg.seq_len} "
             f"over {cfg.require_steps} steps; {os.cpu_count()} CPU cores, {torch_threads()} torch threads."
         )
-        with _Progress(cfg.steps) as progress:
+        with sigterm_as_interrupt(), _Progress(cfg.steps) as progress:
             result = run_demo(config, out, on_step=progress.update, on_note=note)
     if as_json:
         sys.stdout.write(json.dumps(result.summary(), indent=2) + "\n")

@@ -88,6 +88,9 @@ def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool, here: bool =
     console = stdout_console()
     if info.entries:
         console.print(_run_table(info))
+        for e in info.entries:
+            if e.format == "unreadable":
+                console.print(escape(f"{e.path.name}: {e.metadata['error']}"), soft_wrap=True)
     else:
         console.print(_info_table(info, data))
     if info.side_files:
@@ -96,7 +99,7 @@ def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool, here: bool =
 
 
 def _kind(info: Any, short: bool = False) -> str:
-    if info.kind in ("file", "hf-model", "deepspeed", "run"):
+    if info.kind in ("file", "hf-model", "deepspeed", "run", "error"):
         return info.format
     return info.kind if short else f"{info.format}, {info.kind}"
 
