@@ -100,7 +100,11 @@ def convert(
     the schedule (the same flags as inspect, or --ds-config): load it into a model converted the same way
     to resume training. 'random-ltd strip' turns it back into plain names.
 
-    Example: random-ltd convert transformers:GPT2LMHeadModel --init '{"n_layer": 4}' -o gpt2-ltd.safetensors
+    \b
+    Examples:
+      random-ltd convert transformers:GPT2LMHeadModel --init '{"n_layer": 4}' -o gpt2-ltd.safetensors
+      random-ltd convert my_pkg.models:Net --weights plain.pt -o ltd.safetensors --seq-len 512
+      random-ltd convert gpt2-folder/ -o gpt2-ltd/
     """
     from ..target import parse_init
     from ..workflow import ScheduleOptions, convert_target

@@ -49,8 +49,11 @@ def inspect(
 ) -> None:
     """Show a checkpoint's format, tensors and wrapped layers, or a model's layer stack and the saving of a schedule.
 
-    Examples: random-ltd inspect model.safetensors; random-ltd inspect out/ (a Trainer output_dir);
-    random-ltd inspect transformers:GPT2LMHeadModel --init '{"n_layer": 4}' --ds-config ds.json
+    \b
+    Examples:
+      random-ltd inspect model.safetensors
+      random-ltd inspect out/                  (a Trainer output_dir: each checkpoint)
+      random-ltd inspect transformers:GPT2LMHeadModel --init '{"n_layer": 4}' --ds-config ds.json
     """
     from ..target import is_import_path
 

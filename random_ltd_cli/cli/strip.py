@@ -29,6 +29,7 @@ OutputOption = Annotated[
     typer.Option(
         "-o",
         "--output",
+        metavar="OUT",
         help="Where to write (default: beside the input, e.g. model.stripped.safetensors or ckpt-dir.stripped/).",
         show_default=False,
     ),
@@ -128,7 +129,7 @@ def strip(
     paths: Annotated[
         list[Path],
         typer.Argument(help="Checkpoint files or folders; a run folder strips every checkpoint inside.",
-                       show_default=False, metavar="PATH..."),
+                       show_default=False, metavar="PATH"),
     ],
     output: OutputOption = None,
     in_place: InPlaceOption = False,
@@ -147,7 +148,11 @@ def strip(
     Default outputs sit where no trainer rotates or resumes from them: out/checkpoint-500 ->
     out.stripped/checkpoint-500, checkpoints/last.ckpt -> checkpoints.stripped/last.ckpt.
 
-    Examples: random-ltd strip model.safetensors; random-ltd strip out/ --dry-run; random-ltd strip a.pt b.pt -o plain/
+    \b
+    Examples:
+      random-ltd strip model.safetensors
+      random-ltd strip out/ --dry-run
+      random-ltd strip a.pt b.pt -o plain/
     """
     if in_place and output is not None:
         raise typer.BadParameter("use either --in-place or -o/--output, not both.", param_hint="'--in-place'")
