@@ -56,7 +56,7 @@ def demo(
         note(
             f"demo: GPT with {cfg.n_layer} blocks, hidden {cfg.n_embd}, S={cfg.seq_len}, batch {cfg.batch_size}, "
             f"{cfg.steps} steps per arm; random-LTD on the middle blocks, r from {cfg.min_value} to {cfg.seq_len} "
-            f"over {cfg.require_steps} steps; {os.cpu_count()} CPU cores, {torch_threads()} torch threads."
+            f"over {cfg.require_steps} steps; {os.cpu_count()} CPU cores, torch threads: {torch_threads()}."
         )
         with sigterm_as_interrupt(), _Progress(cfg.steps) as progress:
             result = run_demo(config, out, on_step=progress.update, on_note=note)
@@ -80,7 +80,7 @@ class _Progress:
         self.steps = steps
         self.tty = sys.stderr.isatty()
         self.every = max(1, steps // 10)
-        self.started = self.last_line = time.monotonic()
+        self.started = self.last_line = 0.0  # set at the first step: the elapsed time is training time
         self.progress: Any = None
         self.tasks: dict[str, Any] = {}
 
@@ -94,6 +94,8 @@ class _Progress:
     def update(self, arm: str, step: int, loss: float) -> None:
         if not self.tty:
             now = time.monotonic()
+            if not self.started:
+                self.started = self.last_line = now
             if step % self.every == 0 or step == self.steps or now - self.last_line >= PLAIN_EVERY_S:
                 self.last_line = now
                 note(f"{arm}: step {step}/{self.steps}, loss {loss:.3f}, {now - self.started:.0f}s elapsed")
