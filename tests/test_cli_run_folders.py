@@ -157,9 +157,13 @@ def test_strip_several_paths_checks_all_first(tmp_path: Path) -> None:
     target = tmp_path / "plain"
     target.mkdir()
     torch.save({"h.2.random_ltd_layer.w": torch.ones(2)}, bad)
-    result = run("strip", good, bad, "-o", target)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"h.3.random_ltd_layer.w": torch.ones(2)}, str(folder / "model.safetensors"))
+    result = run("strip", good, bad, folder, "-o", target)
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in target.iterdir()) == ["a.safetensors", "b.pt"]
+    assert sorted(p.name for p in target.iterdir()) == ["a.safetensors", "b.pt", "hf"]
+    assert list(load_file(target / "hf" / "model.safetensors")) == ["h.3.w"]
 
 
 def test_accelerate_save_state_folder(tmp_path: Path) -> None:

@@ -164,16 +164,19 @@ def strip(
             fail(f"-o {str(output)!r} must be an existing folder when stripping {len(paths)} inputs; "
                  "create it, or strip one input at a time.")
         kwargs: dict[str, Any] = {"in_place": in_place, "trust_pickle": trust_pickle}
+        # With several inputs, each goes into the -o folder under its own name.
+        outputs = [output / (p.name or p.resolve().name) if output is not None and len(paths) > 1 else output
+                   for p in paths]
         # Check every input before writing any output.
-        checked = [strip_checkpoint(p, output, dry_run=True, **kwargs) for p in paths]
+        checked = [strip_checkpoint(p, o, dry_run=True, **kwargs) for p, o in zip(paths, outputs, strict=True)]
         if dry_run:
             reports = checked
         else:
             reports = []
             try:
                 with _progress_and_signals() as bar:
-                    for p in paths:
-                        reports.append(strip_checkpoint(p, output, progress=bar, **kwargs))
+                    for p, o in zip(paths, outputs, strict=True):
+                        reports.append(strip_checkpoint(p, o, progress=bar, **kwargs))
                         if reports[-1].wrote:
                             written.append(str(reports[-1].output))
             except KeyboardInterrupt:
