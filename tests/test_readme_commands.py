@@ -96,3 +96,20 @@ def test_readme_and_quickstart_commands_run_verbatim(tmp_path: Path) -> None:
     assert (tmp_path / "gpt2-small-ltd.stripped" / "model.safetensors").is_file()
     assert (tmp_path / "out.stripped" / "checkpoint-500" / "trainer_state.json").is_file()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-500"]  # nothing added beside it
+
+
+def test_module_beside_the_working_folder_imports_like_python_m(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a console script's sys.path lacks the working folder; `random-ltd convert mymodel:Net` must still work
+    from random_ltd_cli.target import load_attribute
+
+    (tmp_path / "mymodel_t10.py").write_text(MY_PKG)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "mymodel_t10", raising=False)
+    try:
+        assert load_attribute("mymodel_t10:Net").__name__ == "Net"
+        assert load_attribute(f"{tmp_path / 'mymodel_t10.py'}:Block").__name__ == "Block"  # the file form
+    finally:
+        sys.modules.pop("mymodel_t10", None)
