@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--backend", default="inductor")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warm-cache", action="store_true",
+                   help="reuse inductor's on-disk cache (default: a fresh one, so compile times are cold)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, aot_eager, a couple of repeats")
     p.add_argument("--json", dest="json_path", default=None, help="where to write the JSON (default results/)")
     a = p.parse_args(argv)
@@ -79,6 +83,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         a.blocks, a.batch, a.seq, a.hidden, a.heads, a.repeats, a.warmup = 3, 2, 48, 32, 2, 2, 1
         a.backend = "aot_eager"
     from torch._dynamo.utils import counters
+
+    cold = None if a.warm_cache else tempfile.TemporaryDirectory(prefix="compile_schedule_")
+    if cold is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold.name  # read by inductor at each compile
 
     step = max(1, a.seq // 16)  # r = S - (n-1)*step, ..., S - step, S
     lo = a.seq - (a.values - 1) * step
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "benchmark": "compile_schedule",
         "config": {"blocks": a.blocks, "wrapped_blocks": a.blocks - 2, "batch": a.batch, "seq": a.seq,
                    "hidden": a.hidden, "heads": a.heads, "backend": a.backend, "schedule": schedule, "keep": keep,
-                   "repeats": a.repeats},
+                   "repeats": a.repeats, "cold_cache": cold is not None},
         "compilations": compilations,
         "static_compilations": static_compilations,
         "compile_s": {"dynamic_whole_schedule": compile_s, "static_one_r": static_compile_s},
@@ -143,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             (f"step at r={keep}: dynamic", f"{t_dyn * 1e3:.1f} ms"), ("step: static", f"{t_static * 1e3:.1f} ms"),
             ("step: eager", f"{t_eager * 1e3:.1f} ms"), ("ratio dynamic / static", f"{t_dyn / t_static:.3f}"),
             ("ratio dynamic / eager", f"{t_dyn / t_eager:.3f}"), ("targets", "<= 2 graphs, <= 1.10")]
+    if cold is not None:
+        cold.cleanup()
     return finish("compile_schedule", title, rows, result, argv, a.smoke, a.json_path, "cpu")
 
 

@@ -16,6 +16,7 @@ how many recompiles to expect, and what dynamo does when its limit is reached.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -32,8 +33,11 @@ CARRIER_ATTR = "reserved_length_carrier"
 def length_carrier(value: int) -> torch.Tensor:
     """An empty ``[value, 0]`` CPU tensor whose size 0 is marked dynamic for dynamo."""
     carrier = torch.empty(int(value), 0)
-    if hasattr(torch, "_dynamo"):
+    if "torch._dynamo" in sys.modules:
         torch._dynamo.maybe_mark_dynamic(carrier, 0)
+    else:  # what maybe_mark_dynamic records, without importing dynamo (seconds) into eager-only runs
+        carrier._dynamo_weak_dynamic_indices = {0}  # type: ignore[attr-defined]
+        carrier._has_dynamo_dim_marking = True  # type: ignore[attr-defined]
     return carrier
 
 

@@ -7,6 +7,8 @@ schedule of many reserved lengths compiles one graph for ``r < S`` and one for `
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -172,6 +174,22 @@ def test_the_carrier_follows_the_scheduler() -> None:
     sched.load_state_dict({**sched.state_dict(), "current_value": 12})
     assert sched.reserved_length_carrier.shape == (12, 0)
     assert "reserved_length_carrier" not in sched.state_dict()
+
+
+def test_the_carrier_is_marked_dynamic_without_importing_dynamo() -> None:
+    code = (
+        "import sys, torch\nfrom random_ltd_cli import RandomLTDScheduler\n"
+        "s = RandomLTDScheduler(4, 64, 14, 4, total_layer_num=4, random_ltd_layer_num=2, global_batch_size=2)\n"
+        "s.update_seq(3)\nc = s.reserved_length_carrier\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "import torch._dynamo\nt = torch.empty(c.shape[0], 0)\ntorch._dynamo.maybe_mark_dynamic(t, 0)\n"
+        "assert {k: v for k, v in vars(c).items() if k.startswith('_')} == "
+        "{k: v for k, v in vars(t).items() if k.startswith('_')}, (vars(c), vars(t))\n"
+        "print(c.shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "torch.Size([16, 0])"
 
 
 @pytest.mark.skipif(os.environ.get("RANDOM_LTD_NO_INDUCTOR") == "1", reason="RANDOM_LTD_NO_INDUCTOR=1")
