@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--json", dest="json_path", default=None, help="where to write the JSON (default results/)")
     a = p.parse_args(argv)
     if a.smoke:
-        a.blocks, a.batch, a.seq, a.hidden, a.heads, a.repeats, a.warmup = 3, 2, 48, 32, 2, 2, 1
+        a.blocks, a.batch, a.seq, a.hidden, a.heads, a.repeats, a.warmup, a.values = 3, 2, 48, 32, 2, 2, 1, 6
         a.backend = "aot_eager"
     from torch._dynamo.utils import counters
 
