@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -72,20 +73,19 @@ def _check_traced_length(ctx: Any) -> None:
     layer = ctx.get_local("layer")._i_will_not_complain_if_bc_breaks_VariableTracker().value
     if layer.reserved_length is not None or layer.scheduler is None:  # a fixed r: one graph, nothing to warn
         return
-    if _is_symbolic(keep) or getattr(layer, "_warned_static_length", False):
+    if _is_symbolic(keep) or int(keep) <= 1:  # dynamo always specialises sizes 0 and 1
         return
-    value = int(keep)
-    if value <= 1:  # dynamo always specialises sizes 0 and 1
-        return
-    layer._warned_static_length = True
     scheduler = layer.scheduler
     has_carrier = isinstance(getattr(scheduler, CARRIER_ATTR, None), torch.Tensor)
+    inner = type(layer.random_ltd_layer).__name__
+    if not _first_time(scheduler, layer, inner if has_carrier else "<scheduler>"):
+        return
     why = (
-        f"{type(layer.random_ltd_layer).__name__} (random-LTD layer {layer.layer_id}) makes the reserved length a "
+        f"{inner} (random-LTD layer {layer.layer_id}; warned once per layer class) makes the reserved length a "
         f"constant in its code (e.g. compares or converts hidden_states.shape[...] to a Python int)"
         if has_carrier
         else f"its scheduler {type(scheduler).__name__} gives r as a Python int, which dynamo treats as a constant "
-        f"(random-LTD layer {layer.layer_id}, {type(layer.random_ltd_layer).__name__})"
+        f"(random-LTD layer {layer.layer_id}, {inner}; warned once per scheduler)"
     )
     expected = _expected_recompiles(scheduler)
     limit = getattr(getattr(torch._dynamo, "config", None), "recompile_limit", None)
@@ -97,6 +97,22 @@ def _check_traced_length(ctx: Any) -> None:
         UserWarning,
         stacklevel=2,
     )
+
+
+# scheduler -> what was warned about (layer class names, "<scheduler>"); not on the modules, whose
+# attributes dynamo guards on.
+_WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _first_time(scheduler: Any, layer: Any, what: str) -> bool:
+    try:
+        seen = _WARNED.setdefault(scheduler, set())
+    except TypeError:  # a scheduler that cannot be weakly referenced or hashed: remember per layer
+        seen = layer.__dict__.setdefault("_random_ltd_compile_warned", set())
+    if what in seen:
+        return False
+    seen.add(what)
+    return True
 
 
 def _is_symbolic(value: Any) -> bool:
