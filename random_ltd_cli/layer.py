@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from . import compiled
 from .errors import ConfigError, ConversionError, InputError
 from .keys import SEGMENT
 from .recorders import call_unrecorded, replay_recorders
@@ -148,6 +149,7 @@ class RandomLayerTokenDrop(nn.Module):
         self.on_unsupported = on_unsupported
         self.layer_id = int(layer_id)
         self.sampler = TokenSampler(seed, generator=generator, layer_id=layer_id)
+        compiled.prepare_scheduler(scheduler)
         self.last_indices: torch.Tensor | None = None  # [B, r] of the latest dropping call, for inspection
         self._positional_names, self._hidden_name, self._mask_names, self._accepts_kwargs, self._params = plan
         self.register_load_state_dict_pre_hook(_accept_plain_keys)
@@ -172,6 +174,7 @@ class RandomLayerTokenDrop(nn.Module):
         if cfg.batch_first is not None:
             self.batch_first = cfg.batch_first
         self.scheduler = scheduler
+        compiled.prepare_scheduler(scheduler)
         self.layer_id = int(random_ltd_layer_id)
         self.sampler.layer_id = self.layer_id
 
@@ -181,10 +184,16 @@ class RandomLayerTokenDrop(nn.Module):
         return self.scheduler
 
     def current_reserved_length(self) -> int | None:
-        """``r`` for the next call: the fixed value, else the scheduler's, else ``None``."""
+        """``r`` for the next call: the fixed value, else the scheduler's, else ``None``.
+
+        While ``torch.compile`` traces, a scheduler's ``r`` is read from its length carrier, a
+        dynamic size (:mod:`random_ltd_cli.compiled`), so one graph serves every ``r``.
+        """
         if self.reserved_length is not None:
             return int(self.reserved_length)
         if self.scheduler is not None:
+            if torch.compiler.is_compiling():  # r as a dynamic size, not a constant (compiled.py)
+                return compiled.traced_reserved_length(self.scheduler)
             return int(self.scheduler.get_current_seq())
         return None
 
@@ -229,6 +238,8 @@ class RandomLayerTokenDrop(nn.Module):
         route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), keep, self.batch_first)
         call.set(self._hidden_name, route.split())
         out = call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
+        if torch.compiler.is_compiling():
+            compiled.warn_if_static(self, keep)  # at compile time: did r stay a symbol?
         out = self._merge_output(route, out)
         return replay_recorders(layer, args, kwargs, out)
 

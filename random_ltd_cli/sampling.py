@@ -57,7 +57,12 @@ def sample_indices(
     Returns:
         ``int64`` tensor ``[B, r]``, each row strictly increasing.
     """
-    scores = torch.rand(batch, seq_len, device=device, generator=generator)  # (B, S) in [0, 1)
+    # (B, S) in [0, 1). Without a generator, leave the argument out: rand's generator overload takes
+    # only concrete sizes, and under torch.compile S may be a symbol.
+    if generator is None:
+        scores = torch.rand(batch, seq_len, device=device)
+    else:
+        scores = torch.rand(batch, seq_len, device=device, generator=generator)
     if shift is not None:
         scores = torch.remainder(scores + shift, 1.0)
     if priority is not None:

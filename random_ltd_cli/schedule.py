@@ -17,6 +17,7 @@ The schedule, with global step ``g`` (one optimizer step, however many micro-bat
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -104,7 +105,8 @@ class RandomLTDScheduler:
         self.random_ltd_layer_num = random_ltd_layer_num
         self.global_batch_size = global_batch_size
         self.schedule_type = schedule_type
-        self._current_value = min_value
+        self.reserved_length_carrier: Any = None  # r as a tensor size, for compiled layers (compiled.py)
+        self._set_value(min_value)
         self._current_steps = -1
         self._consumed = 0
 
@@ -188,7 +190,7 @@ class RandomLTDScheduler:
         """
         g = _check_step("global_step", global_step, 0)
         if self._current_value < self.max_value:
-            self._current_value = self.value_at(g)
+            self._set_value(self.value_at(g))
         if g != self._current_steps:
             self._consumed += self.layer_tokens_per_step(self._current_value)
             self._current_steps = g
@@ -197,6 +199,13 @@ class RandomLTDScheduler:
     def step(self) -> int:
         """Advance one global step: ``update_seq(current_steps + 1)``; the first call is step 0. Returns ``r``."""
         return self.update_seq(self._current_steps + 1)
+
+    def _set_value(self, value: int) -> None:
+        self._current_value = value
+        if "torch" in sys.modules:  # compiled layers read r from the carrier's size; no torch, no layers
+            from .compiled import publish_length
+
+            publish_length(self, value)
 
     def get_current_seq(self) -> int:
         """``r``: the number of tokens each random-LTD layer keeps now (DeepSpeed's name)."""
@@ -345,7 +354,7 @@ class RandomLTDScheduler:
             )
         self._consumed = sd["consumed_layer_tokens"]
         self._current_steps = sd["current_steps"]
-        self._current_value = sd["current_value"]
+        self._set_value(sd["current_value"])
         self.min_value = sd["min_value"]
         self.max_value = sd["max_value"]
 
