@@ -4,13 +4,20 @@ In training, with a reserved length ``r`` below the sequence length ``S``, the w
 
 1. draws ``r`` sorted positions per sample (:mod:`random_ltd_cli.sampling`);
 2. gathers the hidden states ``[B,S,H] -> [B,r,H]`` (or ``[S,B,H] -> [r,B,H]``) and every
-   sequence-aligned argument with the same indices: attention masks, ``position_ids``,
-   rotary ``position_embeddings`` (:mod:`random_ltd_cli.tokens`); a key/value cache is
-   passed as ``None`` and ``use_cache=False``;
+   sequence-aligned argument with the same indices, as its alignment says
+   (:mod:`random_ltd_cli.alignment`: attention masks, ``position_ids``, rotary
+   ``position_embeddings``, alibi and relative-position biases, cross-attention masks, and
+   the user's ``seq_args``); a key/value cache is passed as ``None`` and ``use_cache=False``;
+   a tensor argument of unknown alignment with an axis of length ``S`` is an error;
 3. calls the wrapped layer, with its arguments in the shape they came (positional stays
    positional, keyword stays keyword);
 4. scatters element 0 of the output back into a copy of the input; the other
-   ``S - r`` tokens leave the layer exactly as they entered it.
+   ``S - r`` tokens leave the layer exactly as they entered it. Other output elements that
+   are gathered arguments (T5 hands its ``position_bias`` to the next layer this way) come
+   back as the full-length originals.
+
+Families whose layers derive positions or windows from the length they see get an adapter
+(:mod:`random_ltd_cli.adapters`).
 
 Otherwise (eval mode, no reserved length, ``r >= S``) it calls the wrapped layer with the
 very same arguments, so the output is bitwise identical to the unwrapped layer's.
@@ -19,17 +26,19 @@ very same arguments, so the output is bitwise identical to the unwrapped layer's
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
+from .adapters import find_adapter
+from .alignment import Alignment, parse_seq_args, resolve_alignments, unknown_argument
 from .errors import ConfigError, ConversionError, InputError
 from .keys import SEGMENT
-from .recorders import call_unrecorded, replay_recorders
+from .recorders import SubmoduleRecords, call_unrecorded, replay_recorders
 from .sampling import TokenSampler
-from .tokens import TokenRoute, flat_index, gather_mask, gather_position_embeddings, gather_position_ids
+from .tokens import TokenRoute, flat_index
 
 __all__ = ["HIDDEN_NAMES", "MASK_NAMES", "RandomLayerTokenDrop"]
 
@@ -38,7 +47,6 @@ MASK_NAMES = (
     "attention_mask", "attn_mask", "mask", "src_mask", "src_key_padding_mask", "key_padding_mask", "padding_mask"
 )
 POSITION_ID_NAMES = ("position_ids",)
-POSITION_EMBEDDING_NAMES = ("position_embeddings",)
 CACHE_NAMES = ("past_key_value", "past_key_values", "cache", "layer_past")
 # Keyword arguments that describe packed (varlen) flash-attention batches: their boundaries
 # are in token counts, which dropping would invalidate.
@@ -99,8 +107,13 @@ class RandomLayerTokenDrop(nn.Module):
         batch_first: layout of the hidden states.
         hidden_name: the forward parameter holding the hidden states (default: found by name,
             else the first parameter).
-        mask_names: forward parameters holding attention masks (default: the usual names in
-            the signature, e.g. ``attention_mask``).
+        mask_names: forward parameters holding attention masks (default: the usual names,
+            e.g. ``attention_mask``).
+        seq_args: how the layer's own arguments line up with the sequence, by name, e.g.
+            ``{"my_bias": "b h q k", "my_ids": "b s", "enc_mask": "b h q _", "scale": "none"}``
+            (one letter per axis: ``b`` batch, ``q``/``k`` query/key tokens, ``s`` tokens,
+            anything else an axis left alone; ``"mask"``; ``"none"`` for not per token). They
+            override the built-in alignments (see :mod:`random_ltd_cli.alignment`).
         keep_prefix: always keep the first ``k`` tokens (e.g. ``[CLS]``).
         keep_document_starts: when ``position_ids`` are passed, always keep tokens whose
             position is 0 (the start of each packed document; for an unpacked sequence, its
@@ -110,8 +123,9 @@ class RandomLayerTokenDrop(nn.Module):
         generator: a private ``torch.Generator`` to sample from (overrides ``seed``).
         layer_id: index of this layer among the wrapped ones (mixed into ``seed``).
         on_unsupported: ``"error"`` (default) raises :class:`InputError` on an argument that
-            cannot be gathered (e.g. a flex-attention ``BlockMask``); ``"passthrough"`` runs
-            that call on all tokens instead.
+            cannot be gathered (e.g. a flex-attention ``BlockMask``, or a tensor of unknown
+            alignment with an axis of length ``S``); ``"passthrough"`` runs that call on all
+            tokens instead.
 
     Raises:
         ConfigError: a setting that cannot work (``reserved_length <= 0``, a mask name the
@@ -135,8 +149,10 @@ class RandomLayerTokenDrop(nn.Module):
         generator: torch.Generator | None = None,
         layer_id: int = 0,
         on_unsupported: Literal["error", "passthrough"] = "error",
+        seq_args: Mapping[str, str | Alignment] | None = None,
     ) -> None:
         plan = _plan_arguments(layer, hidden_name, mask_names)
+        user_args = parse_seq_args(seq_args)
         _check_settings(reserved_length, keep_prefix, on_unsupported)
         super().__init__()
         self.random_ltd_layer = layer
@@ -150,7 +166,20 @@ class RandomLayerTokenDrop(nn.Module):
         self.sampler = TokenSampler(seed, generator=generator, layer_id=layer_id)
         self.last_indices: torch.Tensor | None = None  # [B, r] of the latest dropping call, for inspection
         self._positional_names, self._hidden_name, self._mask_names, self._accepts_kwargs, self._params = plan
+        self._user_args = user_args
+        self._adapter = find_adapter(layer)
+        self._alignments = self._resolve(mask_names is not None)
+        self._records = SubmoduleRecords(layer)
         self.register_load_state_dict_pre_hook(_accept_plain_keys)
+
+    def _resolve(self, explicit_masks: bool) -> dict[str, Alignment]:
+        family = self._adapter.alignments() if self._adapter is not None else {}
+        return resolve_alignments(self._mask_names if explicit_masks else None, {**family, **self._user_args})
+
+    @property
+    def seq_args(self) -> dict[str, str]:
+        """The alignment of every argument name this layer knows (built-in, family and user), as text."""
+        return {n: a.text for n, a in self._alignments.items()}
 
     # -- configuration -------------------------------------------------------------------
 
@@ -168,7 +197,8 @@ class RandomLayerTokenDrop(nn.Module):
                     f"{type(self.random_ltd_layer).__name__}.forward; set it to one of {sorted(self._params)}."
                 )
             masks = (cfg.model_mask_name,)
-        self._mask_names = masks
+            self._mask_names = masks
+            self._alignments = self._resolve(True)
         if cfg.batch_first is not None:
             self.batch_first = cfg.batch_first
         self.scheduler = scheduler
@@ -216,10 +246,17 @@ class RandomLayerTokenDrop(nn.Module):
         batch, seq_len = self._shape(hidden)
         if keep >= seq_len:
             return layer(*args, **kwargs)
+        adapter = self._adapter
         try:
+            if adapter is not None:
+                adapter.prepare(call, hidden, seq_len)
             priority = self._priority(call, batch, seq_len, keep, hidden.device)
-            idx = self.sampler(hidden, batch, seq_len, keep, priority)  # (B, r) sorted
-            self._gather_arguments(call, idx, seq_len)
+            if adapter is not None and adapter.shared_indices:  # one draw for the batch (no batch axis)
+                shared = priority if priority is None else priority.any(0, keepdim=True)
+                idx = self.sampler(hidden, 1, seq_len, keep, shared).expand(batch, keep)
+            else:
+                idx = self.sampler(hidden, batch, seq_len, keep, priority)  # (B, r) sorted
+            swaps = self._gather_arguments(call, idx, batch, seq_len)
         except InputError:
             if self.on_unsupported == "passthrough":
                 return layer(*args, **kwargs)
@@ -228,8 +265,14 @@ class RandomLayerTokenDrop(nn.Module):
             self.last_indices = idx
         route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), keep, self.batch_first)
         call.set(self._hidden_name, route.split())
-        out = call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
-        out = self._merge_output(route, out)
+        with self._records.hold(route.flat, batch * seq_len) as records:  # router logits & co. come back full length
+            if adapter is not None:
+                with adapter.around(idx, seq_len):
+                    out = call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
+            else:
+                out = call_unrecorded(layer, call.args, call.kwargs)
+        records.replay()
+        out = self._merge_output(route, out, swaps)
         return replay_recorders(layer, args, kwargs, out)
 
     def _shape(self, hidden: Any) -> tuple[int, int]:
@@ -268,40 +311,61 @@ class RandomLayerTokenDrop(nn.Module):
             raise InputError(f"position_ids batch size {priority.shape[0]} does not match the hidden states' {batch}.")
         return priority
 
-    def _gather_arguments(self, call: _Arguments, idx: torch.Tensor, seq_len: int) -> None:
-        for name in PACKED_NAMES:
-            if call.get(name) is not None:
+    def _gather_arguments(
+        self, call: _Arguments, idx: torch.Tensor, batch: int, seq_len: int
+    ) -> list[tuple[Any, Any]]:
+        """Gather every argument of the call by its alignment; returns ``(gathered, original)`` pairs."""
+        swaps: list[tuple[Any, Any]] = []
+        names = [*self._positional_names[: len(call.args)], *call.kwargs]
+        for name in names:
+            if name == self._hidden_name:
+                continue
+            value = call.get(name)
+            if value is None or isinstance(value, (bool, int, float, str)):
+                continue
+            if name in CACHE_NAMES:
+                call.set(name, None)
+                continue
+            if name in PACKED_NAMES:
                 raise InputError(
                     f"the layer was called with {name!r} (packed flash-attention batch); random-LTD cannot drop "
                     "tokens of packed varlen batches. Pad the batch instead, or use on_unsupported='passthrough'."
                 )
-        for name in self._mask_names:
-            if call.has(name):
-                call.set(name, gather_mask(call.get(name), idx, seq_len, name))
-        for name in POSITION_ID_NAMES:
-            if call.has(name):
-                call.set(name, gather_position_ids(call.get(name), idx, seq_len, name))
-        for name in POSITION_EMBEDDING_NAMES:
-            if call.has(name):
-                call.set(name, gather_position_embeddings(call.get(name), idx, seq_len, name))
-        for name in CACHE_NAMES:
-            if call.has(name):
-                call.set(name, None)
+            align = self._alignments.get(name)
+            if align is None:
+                error = unknown_argument(name, value, batch, seq_len, type(self.random_ltd_layer).__name__)
+                if error is not None:
+                    raise error
+                continue
+            gathered = align.gather(value, idx, seq_len, name)
+            if gathered is not value:
+                call.set(name, gathered)
+                swaps.append((gathered, value))
         if call.has("use_cache") or "use_cache" in self._params:
             call.set("use_cache", False)
+        return swaps
 
-    def _merge_output(self, route: TokenRoute, out: Any) -> Any:
+    def _merge_output(self, route: TokenRoute, out: Any, swaps: list[tuple[Any, Any]]) -> Any:
         if isinstance(out, torch.Tensor):
             return route.merge(out)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             first = route.merge(out[0])
+            rest = [_restore(o, swaps) for o in out[1:]] if swaps else list(out[1:])
             if hasattr(out, "_fields"):  # namedtuple
-                return out._replace(**{out._fields[0]: first})  # type: ignore[union-attr]
-            return type(out)([first, *out[1:]])
+                return type(out)(first, *rest)
+            return type(out)([first, *rest])
         raise InputError(
             f"the wrapped {type(self.random_ltd_layer).__name__} returned {type(out).__name__}; random-LTD needs a "
             "tensor or a tuple whose element 0 is the hidden states."
         )
+
+
+def _restore(value: Any, swaps: list[tuple[Any, Any]]) -> Any:
+    """The full-length original of an output element that is a gathered argument (else the element)."""
+    for gathered, original in swaps:
+        if value is gathered:
+            return original
+    return value
 
 
 def _plan_arguments(
