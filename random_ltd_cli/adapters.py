@@ -20,6 +20,10 @@ T5 family                 the first layer computes the relative bias from the se
                           it is computed for all ``S`` tokens and gathered.
 DeBERTa-v2                ``relative_pos [1,S,S]`` is gathered per sample and laid out as
                           ``[1, B*heads, r, r]``, a form its attention reads per row.
+DeBERTa (v1)              the relative span comes from the seen length: during the call the
+                          span is the one for all ``S`` tokens; ``relative_pos`` is gathered.
+UMT5                      every layer computes its relative bias from the seen length: the
+                          bias is computed for ``S`` tokens and gathered.
 ========================  ===============================================================
 """
 
@@ -27,13 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .alignment import Alignment, gather_axes
+from .alignment import Alignment, gather_axes, parse_alignment
 from .errors import InputError
 from .tokens import gather_mask
 
@@ -179,9 +184,31 @@ class _T5Bias(LayerAdapter):
     def __init__(self, layer: Any) -> None:
         self.layer = layer
         self.self_attn = layer.layer[0].SelfAttention
+        # UMT5 layers take no position_bias: each computes its own from the length it sees
+        self.own_bias = "position_bias" not in inspect.signature(layer.forward).parameters
+
+    @contextlib.contextmanager
+    def around(self, idx: torch.Tensor, seq_len: int) -> Iterator[None]:
+        attn = self.self_attn
+        if not (self.own_bias and attn.has_relative_attention_bias):
+            yield
+            return
+        compute = attn.compute_bias
+
+        def full_then_kept(query_length: int, key_length: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+            kwargs.pop("past_seen_tokens", None)  # training: no cache
+            return gather_mask(compute(seq_len, seq_len, *args[:1], **kwargs), idx, seq_len, "position_bias")
+
+        attn.compute_bias = full_then_kept
+        try:
+            yield
+        finally:
+            del attn.compute_bias
 
     def prepare(self, call: Any, hidden: torch.Tensor, seq_len: int) -> None:
         attn = self.self_attn
+        if self.own_bias:
+            return
         if call.get("position_bias") is None and attn.has_relative_attention_bias:
             call.set("position_bias", attn.compute_bias(seq_len, seq_len, device=hidden.device))
         enc = call.get("encoder_hidden_states")
@@ -233,7 +260,35 @@ def _deberta_v2(layer: nn.Module) -> LayerAdapter | None:
     return None
 
 
-_FINDERS = (_gpt_neo_local, _mpt, _beit, _t5, _deberta_v2)
+class _DebertaSpan(LayerAdapter):
+    """DeBERTa (v1): the relative-attention span is ``min(seen length, max_relative_positions)``; during
+    the call the module's span function answers for all ``S`` tokens."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.module: Any = sys.modules[type(attn).__module__]
+
+    def alignments(self) -> dict[str, Alignment]:
+        return {"relative_pos": parse_alignment("b q k | b h q k", "relative_pos")}
+
+    @contextlib.contextmanager
+    def around(self, idx: torch.Tensor, seq_len: int) -> Iterator[None]:
+        span = self.module.compute_attention_span
+        self.module.compute_attention_span = lambda q, k, max_rel: torch.tensor(min(seq_len, int(max_rel)))
+        try:
+            yield
+        finally:
+            self.module.compute_attention_span = span
+
+
+def _deberta(layer: nn.Module) -> LayerAdapter | None:
+    attn = getattr(getattr(layer, "attention", None), "self", None)
+    relative = getattr(attn, "relative_attention", False) is True and hasattr(attn, "max_relative_positions")
+    if relative and hasattr(sys.modules.get(type(attn).__module__), "compute_attention_span"):
+        return _DebertaSpan(attn)  # type: ignore[arg-type]
+    return None
+
+
+_FINDERS = (_gpt_neo_local, _mpt, _beit, _t5, _deberta_v2, _deberta)
 
 
 def find_adapter(layer: nn.Module) -> LayerAdapter | None:
@@ -255,9 +310,9 @@ def refusal(layer: nn.Module) -> str | None:
         return ("it partitions its tokens into 2-D windows of the image grid (Swin-style input_dimensions); a "
                 "subset of the tokens has no grid")
     attn = getattr(getattr(layer, "attention", None), "self", None)
-    if getattr(attn, "relative_attention", False) is True and not hasattr(attn, "pos_ebd_size") and hasattr(
+    if getattr(attn, "relative_attention", False) is True and find_adapter(layer) is None and hasattr(
         attn, "max_relative_positions"
     ):
-        return ("its relative-attention span is computed from the number of tokens it sees (DeBERTa v1), so on "
+        return ("its relative-attention span is computed from the number of tokens it sees (DeBERTa-style), so on "
                 "r kept tokens distances beyond r would be clipped")
     return None

@@ -191,8 +191,10 @@ BUILTIN: dict[str, Alignment] = {
     "position_embeddings": Alignment("rotary", "b s d | b _ s d", (("b", "s", "d"), ("b", "_", "s", "d"))),
     # alibi: a bias per key (BLOOM [B*H,1,S], Falcon [B,H,1,S])
     "alibi": _builtin("b _ k | b h _ k"),
-    # relative-position biases over queries x keys (T5, MPNet [1|B,H,S,S])
-    "position_bias": _builtin("b h q k"),
+    # relative-position biases over queries x keys (T5, MPNet [1|B,H,S,S]; WavLM [B*H,S,S])
+    "position_bias": _builtin("b h q k | b q k"),
+    # RoFormer's sinusoidal positions [1,1,S,D]
+    "sinusoidal_pos": _builtin("b _ s d | b s d"),
     # cross-attention: decoder queries are gathered, encoder keys are left alone
     "encoder_attention_mask": _builtin("b h q _ | b q _ | b _"),
     "encoder_decoder_position_bias": _builtin("b h q _"),

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from .adapters import refusal
+from .alignment import parse_seq_args
 from .deepspeed_config import ConfigSource, RandomLTDConfig, read_deepspeed_config
 from .errors import ConfigError, ConversionError
 from .keys import SEGMENT, rename_keys, strip_key
@@ -22,6 +24,7 @@ from .schedule import RandomLTDScheduler
 __all__ = [
     "convert_to_random_ltd",
     "find_layer_stack",
+    "find_layer_stacks",
     "match_layers",
     "parse_layer_spec",
     "random_ltd_layers",
@@ -34,6 +37,7 @@ __all__ = [
 
 LayerSpec = str | int | Sequence[int] | range
 FilterFn = Callable[[nn.Module, str], bool]
+STACKS = ("encoder", "decoder", "both")
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
@@ -54,16 +58,9 @@ def random_ltd_scheduler(model: nn.Module) -> ReservedLength | None:
     return next((w.scheduler for _, w in random_ltd_layers(model) if w.scheduler is not None), None)
 
 
-def find_layer_stack(model: nn.Module) -> tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]:
-    """Find the model's stack of transformer layers: the repeated class in its largest ``nn.ModuleList``.
-
-    Returns:
-        ``(container name, layer class, [(qualified name, layer), ...])``.
-
-    Raises:
-        ConversionError: no ``ModuleList`` (or ``Sequential``) holds two or more layers of one class.
-    """
-    best: tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]] | None = None
+def _stacks(model: nn.Module) -> list[tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]]:
+    """Every ``ModuleList``/``Sequential`` holding two or more layers of one class, with a rank."""
+    found = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
@@ -76,15 +73,86 @@ def find_layer_stack(model: nn.Module) -> tuple[str, type[nn.Module], list[tuple
             continue
         members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls]
         params = sum(p.numel() for _, c in members for p in c.parameters())
-        rank = (int(isinstance(module, nn.ModuleList)), count, params)
-        if best is None or rank > best[0]:
-            best = (rank, name, cls, members)
-    if best is None:
+        found.append(((int(isinstance(module, nn.ModuleList)), count, params), name, cls, members))
+    return found
+
+
+def _kind(name: str) -> str | None:
+    """``"decoder"``/``"encoder"`` when a segment of the stack's path says so (``model.decoder.layers``)."""
+    segments = name.lower().split(".")
+    if any("decoder" in s for s in segments):
+        return "decoder"
+    if any("encoder" in s for s in segments):
+        return "encoder"
+    return None
+
+
+Stack = tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]
+
+
+def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]:
+    """The model's stack(s) of transformer layers, each ``(container name, layer class, members)``.
+
+    Without ``stack``: the repeated class in the largest ``nn.ModuleList``; in an encoder-decoder
+    model (stacks under an ``encoder`` and a ``decoder`` path) the encoder's, as in the random-LTD
+    paper, which drops tokens in the layers that read the input. ``stack="encoder"``,
+    ``"decoder"`` or ``"both"`` chooses explicitly (``"both"``: the encoder's, then the decoder's).
+
+    Raises:
+        ConversionError: no stack, or no stack of the kind asked for.
+        ConfigError: ``stack`` is not one of ``encoder``, ``decoder``, ``both``.
+    """
+    if stack is not None and stack not in STACKS:
+        raise ConfigError(f"stack={stack!r} must be 'encoder', 'decoder' or 'both' (or None for the default).")
+    found = _stacks(model)
+    if not found:
         raise ConversionError(
             "could not find a stack of transformer layers (an nn.ModuleList of repeated layers) in "
-            f"{type(model).__name__}; {_candidates_text(model)}. Pass layer_type= or filter_fn= to choose the layers."
+            f"{type(model).__name__}; {_shared_layer_text(model)}{_candidates_text(model)}. "
+            "Pass layer_type= or filter_fn= to choose the layers."
         )
-    return best[1], best[2], best[3]
+    by_kind = {k: max((f for f in found if _kind(f[1]) == k), key=lambda f: f[0], default=None)
+               for k in ("encoder", "decoder")}
+    enc, dec = by_kind["encoder"], by_kind["decoder"]
+    if stack is None:
+        chosen = [enc] if enc is not None and dec is not None else [max(found, key=lambda f: f[0])]
+    else:
+        wanted = ["encoder", "decoder"] if stack == "both" else [stack]
+        missing = [k for k in wanted if by_kind[k] is None]
+        if missing:
+            names = ", ".join(f"{f[1]} ({f[2].__name__})" for f in found[:6])
+            raise ConversionError(
+                f"stack={stack!r}: {type(model).__name__} has no {missing[0]} stack of layers (stacks found: {names}); "
+                "stack= chooses between the encoder and the decoder of an encoder-decoder model."
+            )
+        chosen = [f for k in wanted if (f := by_kind[k]) is not None]
+    return [(f[1], f[2], f[3]) for f in chosen]
+
+
+def find_layer_stack(model: nn.Module) -> tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]:
+    """Find the model's stack of transformer layers (see :func:`find_layer_stacks`; the default stack).
+
+    Returns:
+        ``(container name, layer class, [(qualified name, layer), ...])``.
+
+    Raises:
+        ConversionError: no ``ModuleList`` (or ``Sequential``) holds two or more layers of one class.
+    """
+    return find_layer_stacks(model)[0]
+
+
+def _shared_layer_text(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    groups, calls = getattr(cfg, "num_hidden_groups", None), getattr(cfg, "num_hidden_layers", None)
+    if isinstance(groups, int) and isinstance(calls, int) and groups < calls:
+        return (
+            f"its config shares {groups} layer group(s) between {calls} layer calls (ALBERT-style "
+            f"num_hidden_groups={groups}): random-LTD wraps modules, and wrapping a shared layer would drop tokens "
+            "in every call, including the first and the last, which must see every token. Convert a model with "
+            "num_hidden_groups=num_hidden_layers (one module per call), or wrap the shared layer yourself with "
+            "layer_type= and layers='all' if dropping in every call is what you want; "
+        )
+    return ""
 
 
 def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
@@ -174,15 +242,19 @@ def convert_to_random_ltd(
     keep_document_starts: bool = True,
     on_unsupported: str = "error",
     ds_config: ConfigSource | RandomLTDConfig | None = None,
+    stack: str | None = None,
+    seq_args: Mapping[str, str] | None = None,
 ) -> nn.Module:
     """Wrap the chosen layers of ``model`` in :class:`RandomLayerTokenDrop`, in place.
 
     Args:
         model: any ``nn.Module`` (``DataParallel``/``DistributedDataParallel`` are unwrapped).
         layer_type: the layer class (or tuple of classes) to wrap. ``None`` finds the model's
-            stack of transformer layers (the repeated class in its largest ``nn.ModuleList``).
+            stack of transformer layers (the repeated class in its largest ``nn.ModuleList``;
+            the encoder's in an encoder-decoder model, see ``stack``).
         layers: which of the matched layers to wrap: ``"middle"`` (all but the first and the
-            last), ``"all"``, indices (list, range, ``"1-10"``, ``"1,3,5"``).
+            last, of each stack), ``"all"``, indices (list, range, ``"1-10"``, ``"1,3,5"``;
+            with ``stack="both"`` they count the encoder's layers first, then the decoder's).
         filter_fn: ``(module, qualified_name) -> bool`` to restrict (or, without
             ``layer_type``, define) the matched layers.
         scheduler: gives the reserved length (``get_current_seq()``); shared by all layers.
@@ -201,13 +273,20 @@ def convert_to_random_ltd(
             ``layers`` is left at ``"middle"``), ``model_mask_name``, ``hidden_state_order`` and,
             when no ``scheduler`` is given, the schedule (which needs ``train_batch_size``).
             Explicit arguments win. ``total_layer_num`` must equal the number of matched layers.
+        stack: in an encoder-decoder model (T5, BART...), ``"encoder"`` (the default),
+            ``"decoder"`` (self-attention queries and keys are the kept tokens; cross-attention
+            reads every encoder token) or ``"both"``.
+        seq_args: how the layers' own arguments line up with the sequence, e.g.
+            ``{"my_bias": "b h q k"}`` (see :class:`RandomLayerTokenDrop`).
 
     Returns:
         ``model`` itself, converted.
 
     Raises:
         ConversionError: no layer matches, an index is out of range, a layer has no
-            hidden-state argument, or the model is already converted. The model is unchanged.
+            hidden-state argument, a chosen layer cannot drop tokens exactly (e.g. Swin's
+            windowed layers; the message names them and the compatible indices), or the model
+            is already converted. The model is unchanged.
         ConfigError: a setting that cannot work.
     """
     root = unwrap_parallel(model)
@@ -218,13 +297,23 @@ def convert_to_random_ltd(
             f"{type(root).__name__} is already converted ({len(existing)} random-LTD layers: {names}"
             f"{', ...' if len(existing) > 4 else ''}); call revert_random_ltd(model) first to convert it again."
         )
-    candidates = match_layers(root, layer_type, filter_fn)
+    user_args = parse_seq_args(seq_args)
+    groups = _candidate_groups(root, layer_type, filter_fn, stack)
+    candidates = [c for group in groups for c in group]
     if ds_config is not None:
         cfg = ds_config if isinstance(ds_config, RandomLTDConfig) else read_deepspeed_config(ds_config)
         layers, mask_names, batch_first, scheduler = _apply_deepspeed(
             cfg, len(candidates), layers, mask_names, batch_first, scheduler
         )
-    chosen = select_layers(candidates, layers)
+    refused = {i: reason for i, (_, layer) in enumerate(candidates) if (reason := refusal(layer)) is not None}
+    if refused and len(refused) == len(candidates):
+        _, first = candidates[0]
+        raise ConversionError(
+            f"random-LTD cannot drop tokens in {type(first).__name__} exactly: {next(iter(refused.values()))}. "
+            f"The model is unchanged; train {type(root).__name__} without random-LTD."
+        )
+    chosen = _select(groups, layers)
+    _check_refused(candidates, chosen, refused)
     wrappers: list[tuple[str, RandomLayerTokenDrop]] = []
     for layer_id, i in enumerate(chosen):
         name, layer = candidates[i]
@@ -235,6 +324,7 @@ def convert_to_random_ltd(
                 hidden_name=hidden_name, mask_names=mask_names, keep_prefix=keep_prefix,
                 keep_document_starts=keep_document_starts, seed=seed, layer_id=layer_id,
                 on_unsupported=on_unsupported,  # type: ignore[arg-type]
+                seq_args=user_args,
             )
         except (ConversionError, ConfigError) as exc:
             raise type(exc)(f"cannot wrap {name!r}: {exc}") from None
@@ -311,6 +401,54 @@ def _apply_deepspeed(
     if scheduler is None:
         scheduler = RandomLTDScheduler.from_config(cfg)
     return layers, mask_names, batch_first, scheduler
+
+
+def _candidate_groups(
+    root: nn.Module,
+    layer_type: type[nn.Module] | tuple[type[nn.Module], ...] | None,
+    filter_fn: FilterFn | None,
+    stack: str | None,
+) -> list[list[tuple[str, nn.Module]]]:
+    """The candidate layers, one list per stack (several only with ``stack="both"``)."""
+    if layer_type is None and filter_fn is None:
+        return [members for _, _, members in find_layer_stacks(root, stack)]
+    matched = match_layers(root, layer_type, filter_fn)
+    if stack is None:
+        return [matched]
+    if stack not in STACKS:
+        raise ConfigError(f"stack={stack!r} must be 'encoder', 'decoder' or 'both' (or None for the default).")
+    wanted = ("encoder", "decoder") if stack == "both" else (stack,)
+    groups = [[(n, m) for n, m in matched if _kind(n) == k] for k in wanted]
+    groups = [g for g in groups if g]
+    if not groups:
+        raise ConversionError(f"stack={stack!r}: none of the matched layers is under an {stack} path.")
+    return groups
+
+
+def _select(groups: list[list[tuple[str, nn.Module]]], layers: LayerSpec) -> list[int]:
+    """Indices among the concatenated groups; ``"middle"`` is the middle of each group."""
+    if len(groups) == 1 or parse_layer_spec(layers) != "middle":
+        return select_layers([c for g in groups for c in g], layers)
+    chosen: list[int] = []
+    offset = 0
+    for group in groups:
+        chosen.extend(offset + i for i in select_layers(group, layers))
+        offset += len(group)
+    return chosen
+
+
+def _check_refused(candidates: list[tuple[str, nn.Module]], chosen: list[int], refused: dict[int, str]) -> None:
+    bad = [i for i in chosen if i in refused]
+    if not bad:
+        return
+    names = ", ".join(f"{i} ({candidates[i][0]})" for i in bad[:6]) + (", ..." if len(bad) > 6 else "")
+    fine = [i for i in chosen if i not in refused]
+    remedy = (f"wrap only the compatible ones, e.g. layers={fine}" if fine
+              else "choose other layers with layers= or filter_fn=")
+    raise ConversionError(
+        f"random-LTD cannot drop tokens exactly in layers {names} of {type(candidates[bad[0]][1]).__name__}: "
+        f"{refused[bad[0]]}. The model is unchanged; {remedy}."
+    )
 
 
 def match_layers(
