@@ -113,16 +113,18 @@ def load_weights_strict(model: Any, state: dict[str, Any], source: str) -> None:
 
 
 def _convert(
-    model: Any, target: str, layer_type: str | None, layers: str, cfg: Any, scheduler: Any
+    model: Any, target: str, layer_type: str | None, layers: str, cfg: Any, scheduler: Any,
+    seq_args: dict[str, str] | None = None, stack: str | None = None,
 ) -> ModelReport:
     """Convert ``model`` in place with the library's own selection and report its layer stack."""
-    from .convert import convert_to_random_ltd, match_layers, random_ltd_layers, unwrap_parallel
+    from .convert import _candidate_groups, convert_to_random_ltd, random_ltd_layers, unwrap_parallel
 
     root = unwrap_parallel(model)
     cls = _layer_type(layer_type)
-    candidates = match_layers(root, cls, None)  # before wrapping: the names stay the same
+    candidates = [c for g in _candidate_groups(root, cls, None, stack) for c in g]  # names before wrapping
     parameter_count = sum(p.numel() for p in root.parameters())
-    convert_to_random_ltd(model, cls, layers=layers, ds_config=cfg, scheduler=scheduler)
+    convert_to_random_ltd(model, cls, layers=layers, ds_config=cfg, scheduler=scheduler, seq_args=seq_args,
+                          stack=stack)
     wrapped = {name for name, _ in random_ltd_layers(model)}
     rows = [LayerRow(i, n, type(m).__name__, n in wrapped) for i, (n, m) in enumerate(candidates)]
     return ModelReport(
@@ -160,6 +162,8 @@ def describe_target(
     require_steps: int | None = None,
     seq_per_step: int = 16,
     batch_size: int = 1,
+    seq_args: dict[str, str] | None = None,
+    stack: str | None = None,
 ) -> ModelReport:
     """The layer stack of the model ``target`` names, what would be wrapped, and a schedule's saving.
 
@@ -171,7 +175,7 @@ def describe_target(
 
     model = _build(target, init)
     cfg, sched = _deepspeed(ds_config, batch_size)
-    report = _convert(model, target, layer_type, layers, cfg, sched)  # the model is built for this report only
+    report = _convert(model, target, layer_type, layers, cfg, sched, seq_args, stack)  # built for this report only
     if sched is None:
         s = seq_len or _max_length(model)
         if s is None:
@@ -210,6 +214,8 @@ def convert_target(
     ds_config: str | None = None,
     dry_run: bool = False,
     trust_pickle: bool = False,
+    seq_args: dict[str, str] | None = None,
+    stack: str | None = None,
 ) -> ConvertResult:
     """Build ``target``, load ``weights`` strictly, convert, and (unless ``dry_run``) save to ``output``.
 
@@ -231,7 +237,7 @@ def convert_target(
 
         load_weights_strict(model, load_state_dict(weights, trust_pickle=trust_pickle), str(weights))
     cfg, sched = _deepspeed(ds_config, 1)  # the batch size only affects layer-token accounting
-    report = _convert(model, target, layer_type, layers, cfg, sched)
+    report = _convert(model, target, layer_type, layers, cfg, sched, seq_args, stack)
     settings = {
         "random_ltd_version": __version__,
         "target": target,

@@ -12,7 +12,16 @@ from rich.table import Table
 
 from ._app import JsonOption, app, fail, user_errors
 from ._render import human_count, layers_table, print_json, stdout_console
-from .convert import DsConfigOption, InitOption, LayersOption, LayerTypeOption, TrustPickleOption
+from .convert import (
+    DsConfigOption,
+    InitOption,
+    LayersOption,
+    LayerTypeOption,
+    SeqArgOption,
+    StackOption,
+    TrustPickleOption,
+    parse_seq_arg_options,
+)
 
 
 @app.command()
@@ -37,6 +46,8 @@ def inspect(
         int | None, typer.Option("--require-steps", help="Steps to reach S (default --steps).", min=1)
     ] = None,
     trust_pickle: TrustPickleOption = False,
+    seq_arg: SeqArgOption = None,
+    stack: StackOption = None,
 ) -> None:
     """Show a checkpoint's format, tensors and wrapped layers, or a model's layer stack and the saving of a schedule.
 
@@ -49,7 +60,8 @@ def inspect(
             _show_listing(Path.cwd(), as_json, trust_pickle)
         elif not Path(target).exists() and is_import_path(target):
             _show_model(target, as_json, init=init, layer_type=layer_type, layers=layers, ds_config=ds_config,
-                        steps=steps, seq_len=seq_len, min_value=min_value, require_steps=require_steps)
+                        steps=steps, seq_len=seq_len, min_value=min_value, require_steps=require_steps,
+                        seq_args=parse_seq_arg_options(seq_arg), stack=stack)
         elif Path(target).exists():
             _show_checkpoint(Path(target), as_json, trust_pickle)
         else:
