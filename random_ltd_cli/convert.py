@@ -20,6 +20,7 @@ from .errors import ConfigError, ConversionError
 from .keys import SEGMENT, rename_keys, strip_key
 from .layer import RandomLayerTokenDrop, ReservedLength
 from .schedule import RandomLTDScheduler
+from .stacks import STACKS, SharedCall, candidates_text, find_layer_stack, find_layer_stacks, kind, shared_calls
 
 __all__ = [
     "convert_to_random_ltd",
@@ -37,7 +38,6 @@ __all__ = [
 
 LayerSpec = str | int | Sequence[int] | range
 FilterFn = Callable[[nn.Module, str], bool]
-STACKS = ("encoder", "decoder", "both")
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
@@ -56,103 +56,6 @@ def random_ltd_layers(model: nn.Module) -> list[tuple[str, RandomLayerTokenDrop]
 def random_ltd_scheduler(model: nn.Module) -> ReservedLength | None:
     """The scheduler the model's random-LTD layers read (the first one's), or ``None``."""
     return next((w.scheduler for _, w in random_ltd_layers(model) if w.scheduler is not None), None)
-
-
-def _stacks(model: nn.Module) -> list[tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]]:
-    """Every ``ModuleList``/``Sequential`` holding two or more layers of one class, with a rank."""
-    found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        children = list(module.named_children())
-        counts = collections.Counter(type(child) for _, child in children)
-        if not counts:
-            continue
-        cls, count = counts.most_common(1)[0]
-        if count < 2 or cls in (nn.ModuleList, nn.Sequential):
-            continue
-        members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls]
-        params = sum(p.numel() for _, c in members for p in c.parameters())
-        found.append(((int(isinstance(module, nn.ModuleList)), count, params), name, cls, members))
-    return found
-
-
-def _kind(name: str) -> str | None:
-    """``"decoder"``/``"encoder"`` when a segment of the stack's path says so (``model.decoder.layers``)."""
-    segments = name.lower().split(".")
-    if any("decoder" in s for s in segments):
-        return "decoder"
-    if any("encoder" in s for s in segments):
-        return "encoder"
-    return None
-
-
-Stack = tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]
-
-
-def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]:
-    """The model's stack(s) of transformer layers, each ``(container name, layer class, members)``.
-
-    Without ``stack``: the repeated class in the largest ``nn.ModuleList``; in an encoder-decoder
-    model (stacks under an ``encoder`` and a ``decoder`` path) the encoder's, as in the random-LTD
-    paper, which drops tokens in the layers that read the input. ``stack="encoder"``,
-    ``"decoder"`` or ``"both"`` chooses explicitly (``"both"``: the encoder's, then the decoder's).
-
-    Raises:
-        ConversionError: no stack, or no stack of the kind asked for.
-        ConfigError: ``stack`` is not one of ``encoder``, ``decoder``, ``both``.
-    """
-    if stack is not None and stack not in STACKS:
-        raise ConfigError(f"stack={stack!r} must be 'encoder', 'decoder' or 'both' (or None for the default).")
-    found = _stacks(model)
-    if not found:
-        raise ConversionError(
-            "could not find a stack of transformer layers (an nn.ModuleList of repeated layers) in "
-            f"{type(model).__name__}; {_shared_layer_text(model)}{_candidates_text(model)}. "
-            "Pass layer_type= or filter_fn= to choose the layers."
-        )
-    by_kind = {k: max((f for f in found if _kind(f[1]) == k), key=lambda f: f[0], default=None)
-               for k in ("encoder", "decoder")}
-    enc, dec = by_kind["encoder"], by_kind["decoder"]
-    if stack is None:
-        chosen = [enc] if enc is not None and dec is not None else [max(found, key=lambda f: f[0])]
-    else:
-        wanted = ["encoder", "decoder"] if stack == "both" else [stack]
-        missing = [k for k in wanted if by_kind[k] is None]
-        if missing:
-            names = ", ".join(f"{f[1]} ({f[2].__name__})" for f in found[:6])
-            raise ConversionError(
-                f"stack={stack!r}: {type(model).__name__} has no {missing[0]} stack of layers (stacks found: {names}); "
-                "stack= chooses between the encoder and the decoder of an encoder-decoder model."
-            )
-        chosen = [f for k in wanted if (f := by_kind[k]) is not None]
-    return [(f[1], f[2], f[3]) for f in chosen]
-
-
-def find_layer_stack(model: nn.Module) -> tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]:
-    """Find the model's stack of transformer layers (see :func:`find_layer_stacks`; the default stack).
-
-    Returns:
-        ``(container name, layer class, [(qualified name, layer), ...])``.
-
-    Raises:
-        ConversionError: no ``ModuleList`` (or ``Sequential``) holds two or more layers of one class.
-    """
-    return find_layer_stacks(model)[0]
-
-
-def _shared_layer_text(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    groups, calls = getattr(cfg, "num_hidden_groups", None), getattr(cfg, "num_hidden_layers", None)
-    if isinstance(groups, int) and isinstance(calls, int) and groups < calls:
-        return (
-            f"its config shares {groups} layer group(s) between {calls} layer calls (ALBERT-style "
-            f"num_hidden_groups={groups}): random-LTD wraps modules, and wrapping a shared layer would drop tokens "
-            "in every call, including the first and the last, which must see every token. Convert a model with "
-            "num_hidden_groups=num_hidden_layers (one module per call), or wrap the shared layer yourself with "
-            "layer_type= and layers='all' if dropping in every call is what you want; "
-        )
-    return ""
 
 
 def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
@@ -298,7 +201,7 @@ def convert_to_random_ltd(
             f"{', ...' if len(existing) > 4 else ''}); call revert_random_ltd(model) first to convert it again."
         )
     user_args = parse_seq_args(seq_args)
-    groups = _candidate_groups(root, layer_type, filter_fn, stack)
+    groups, shared = _candidate_groups(root, layer_type, filter_fn, stack)
     candidates = [c for group in groups for c in group]
     if ds_config is not None:
         cfg = ds_config if isinstance(ds_config, RandomLTDConfig) else read_deepspeed_config(ds_config)
@@ -314,9 +217,13 @@ def convert_to_random_ltd(
         )
     chosen = _select(groups, layers)
     _check_refused(candidates, chosen, refused)
-    wrappers: list[tuple[str, RandomLayerTokenDrop]] = []
-    for layer_id, i in enumerate(chosen):
-        name, layer = candidates[i]
+    plans: dict[str, tuple[nn.Module, list[int], SharedCall | None]] = {}
+    for i in chosen:  # a shared layer (ALBERT) is wrapped once, dropping in its chosen calls
+        label, layer = candidates[i]
+        call = shared.get(label)
+        plans.setdefault(call.name if call else label, (layer, [], call))[1].append(call.call if call else 0)
+    wrappers: list[tuple[str, RandomLayerTokenDrop, SharedCall | None]] = []
+    for layer_id, (name, (layer, calls, call)) in enumerate(plans.items()):
         bf = batch_first if batch_first is not None else _layer_batch_first(layer)
         try:
             wrapper = RandomLayerTokenDrop(
@@ -325,13 +232,30 @@ def convert_to_random_ltd(
                 keep_document_starts=keep_document_starts, seed=seed, layer_id=layer_id,
                 on_unsupported=on_unsupported,  # type: ignore[arg-type]
                 seq_args=user_args,
+                calls=calls if call else None, calls_per_forward=call.calls_per_forward if call else None,
             )
         except (ConversionError, ConfigError) as exc:
             raise type(exc)(f"cannot wrap {name!r}: {exc}") from None
-        wrappers.append((name, wrapper))
-    for name, wrapper in wrappers:  # every check passed: now mutate
+        wrappers.append((name, wrapper, call))
+    for name, wrapper, _ in wrappers:  # every check passed: now mutate
         _set_submodule(root, name, wrapper)
+    _count_shared_calls(root, [(w, c) for _, w, c in wrappers if c is not None])
     return model
+
+
+def _count_shared_calls(root: nn.Module, shared: list[tuple[RandomLayerTokenDrop, SharedCall]]) -> None:
+    """Each forward of the module that runs a shared layer's calls restarts the wrappers' call count."""
+    owners: dict[str, list[RandomLayerTokenDrop]] = {}
+    for wrapper, call in shared:
+        owners.setdefault(call.owner, []).append(wrapper)
+    for owner, members in owners.items():
+        def reset(*_: Any, _members: list[RandomLayerTokenDrop] = members) -> None:
+            for w in _members:
+                w.reset_calls()
+
+        handle = root.get_submodule(owner).register_forward_pre_hook(reset)
+        for w in members:
+            w.__dict__["_reset_hook"] = handle
 
 
 def revert_random_ltd(model: nn.Module) -> nn.Module:
@@ -341,6 +265,9 @@ def revert_random_ltd(model: nn.Module) -> nn.Module:
     """
     root = unwrap_parallel(model)
     for name, wrapper in random_ltd_layers(root):
+        hook = wrapper.__dict__.pop("_reset_hook", None)
+        if hook is not None:
+            hook.remove()
         inner = wrapper.random_ltd_layer
         if name:
             _set_submodule(root, name, inner)
@@ -408,21 +335,28 @@ def _candidate_groups(
     layer_type: type[nn.Module] | tuple[type[nn.Module], ...] | None,
     filter_fn: FilterFn | None,
     stack: str | None,
-) -> list[list[tuple[str, nn.Module]]]:
-    """The candidate layers, one list per stack (several only with ``stack="both"``)."""
+) -> tuple[list[list[tuple[str, nn.Module]]], dict[str, SharedCall]]:
+    """The candidate layers, one list per stack (several only with ``stack="both"``), and for a model
+    that shares layers between calls (ALBERT) one candidate per call with its :class:`SharedCall`."""
     if layer_type is None and filter_fn is None:
-        return [members for _, _, members in find_layer_stacks(root, stack)]
+        try:
+            return [members for _, _, members in find_layer_stacks(root, stack)], {}
+        except ConversionError:
+            found = shared_calls(root) if stack is None else None
+            if found is None:
+                raise
+            return [found[0]], found[1]
     matched = match_layers(root, layer_type, filter_fn)
     if stack is None:
-        return [matched]
+        return [matched], {}
     if stack not in STACKS:
         raise ConfigError(f"stack={stack!r} must be 'encoder', 'decoder' or 'both' (or None for the default).")
     wanted = ("encoder", "decoder") if stack == "both" else (stack,)
-    groups = [[(n, m) for n, m in matched if _kind(n) == k] for k in wanted]
+    groups = [[(n, m) for n, m in matched if kind(n) == k] for k in wanted]
     groups = [g for g in groups if g]
     if not groups:
         raise ConversionError(f"stack={stack!r}: none of the matched layers is under an {stack} path.")
-    return groups
+    return groups, {}
 
 
 def _select(groups: list[list[tuple[str, nn.Module]]], layers: LayerSpec) -> list[int]:
@@ -480,7 +414,7 @@ def match_layers(
         what = f"layer_type={_type_names(layer_type)}" if layer_type is not None else "filter_fn"
         if layer_type is not None and filter_fn is not None:
             what += " and filter_fn"
-        raise ConversionError(f"no layer of {type(root).__name__} matches {what}; {_candidates_text(root)}.")
+        raise ConversionError(f"no layer of {type(root).__name__} matches {what}; {candidates_text(root)}.")
     return matched
 
 
@@ -496,16 +430,6 @@ def _layer_batch_first(layer: nn.Module) -> bool:
 def _type_names(layer_type: Any) -> str:
     types = layer_type if isinstance(layer_type, tuple) else (layer_type,)
     return ", ".join(t.__name__ for t in types)
-
-
-def _candidates_text(model: nn.Module) -> str:
-    counts = collections.Counter(
-        type(m).__name__ for m in model.modules() if not isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
-    )
-    repeated = [(n, c) for n, c in counts.most_common() if c >= 2][:8]
-    if not repeated:
-        return "the model has no repeated module classes"
-    return "candidate classes found: " + ", ".join(f"{n} x{c}" for n, c in repeated)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

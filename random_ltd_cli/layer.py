@@ -37,7 +37,7 @@ from .alignment import Alignment, parse_seq_args, resolve_alignments, unknown_ar
 from .errors import ConfigError, ConversionError, InputError
 from .keys import SEGMENT
 from .recorders import SubmoduleRecords, call_unrecorded, replay_recorders
-from .sampling import TokenSampler
+from .sampling import TokenSampler, _in_backward
 from .tokens import TokenRoute, flat_index
 
 __all__ = ["HIDDEN_NAMES", "MASK_NAMES", "RandomLayerTokenDrop"]
@@ -122,6 +122,11 @@ class RandomLayerTokenDrop(nn.Module):
             :class:`~random_ltd_cli.sampling.TokenSampler`).
         generator: a private ``torch.Generator`` to sample from (overrides ``seed``).
         layer_id: index of this layer among the wrapped ones (mixed into ``seed``).
+        calls: for a layer that one model forward calls several times (ALBERT's shared layer),
+            which of its calls drop tokens (0-based, e.g. ``range(1, 11)`` of 12); the other
+            calls run on all tokens. Needs ``calls_per_forward``.
+        calls_per_forward: how many times one model forward calls the layer; the count starts
+            again after that many calls (and whenever :meth:`reset_calls` is called).
         on_unsupported: ``"error"`` (default) raises :class:`InputError` on an argument that
             cannot be gathered (e.g. a flex-attention ``BlockMask``, or a tensor of unknown
             alignment with an axis of length ``S``); ``"passthrough"`` runs that call on all
@@ -150,9 +155,12 @@ class RandomLayerTokenDrop(nn.Module):
         layer_id: int = 0,
         on_unsupported: Literal["error", "passthrough"] = "error",
         seq_args: Mapping[str, str | Alignment] | None = None,
+        calls: Iterable[int] | None = None,
+        calls_per_forward: int | None = None,
     ) -> None:
         plan = _plan_arguments(layer, hidden_name, mask_names)
         user_args = parse_seq_args(seq_args)
+        call_set = _check_calls(calls, calls_per_forward)
         _check_settings(reserved_length, keep_prefix, on_unsupported)
         super().__init__()
         self.random_ltd_layer = layer
@@ -170,7 +178,26 @@ class RandomLayerTokenDrop(nn.Module):
         self._adapter = find_adapter(layer)
         self._alignments = self._resolve(mask_names is not None)
         self._records = SubmoduleRecords(layer)
+        self._calls, self._period, self._count = call_set, int(calls_per_forward or 0), 0
         self.register_load_state_dict_pre_hook(_accept_plain_keys)
+
+    @property
+    def calls(self) -> frozenset[int] | None:
+        """For a shared layer, the calls (per model forward) that drop tokens; ``None`` otherwise."""
+        return self._calls
+
+    def reset_calls(self) -> None:
+        """Start counting the calls of a shared layer again (a new model forward begins)."""
+        self._count = 0
+
+    def _this_call_drops(self) -> bool:
+        if _in_backward():
+            raise InputError(
+                "a shared layer wrapped with calls= was recomputed by activation checkpointing; random-LTD cannot "
+                "tell which of its calls the recompute repeats. Train it without activation checkpointing."
+            )
+        call, self._count = self._count % self._period, self._count + 1
+        return call in self._calls  # type: ignore[operator]
 
     def _resolve(self, explicit_masks: bool) -> dict[str, Alignment]:
         family = self._adapter.alignments() if self._adapter is not None else {}
@@ -238,6 +265,8 @@ class RandomLayerTokenDrop(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.random_ltd_layer
+        if self._calls is not None and not self._this_call_drops():
+            return layer(*args, **kwargs)
         keep = self.current_reserved_length() if self.training else None
         if keep is None:
             return layer(*args, **kwargs)
@@ -410,6 +439,18 @@ def _plan_arguments(
                 f"({_signature_text(params)}); set the mask name (DeepSpeed: model_mask_name) to one of {named}."
             )
     return positional, hidden_name, masks, accepts_kwargs, frozenset(named)
+
+
+def _check_calls(calls: Iterable[int] | None, per_forward: int | None) -> frozenset[int] | None:
+    if calls is None and per_forward is None:
+        return None
+    if calls is None or per_forward is None or int(per_forward) <= 0:
+        raise ConfigError("calls= and calls_per_forward= go together (calls_per_forward a positive count).")
+    out = frozenset(int(c) for c in calls)
+    bad = sorted(c for c in out if not 0 <= c < int(per_forward))
+    if bad:
+        raise ConfigError(f"calls={sorted(out)}: call {bad[0]} is outside 0..{int(per_forward) - 1}.")
+    return out
 
 
 def _check_settings(reserved_length: int | None, keep_prefix: int, on_unsupported: str) -> None:

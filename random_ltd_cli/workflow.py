@@ -121,12 +121,21 @@ def _convert(
 
     root = unwrap_parallel(model)
     cls = _layer_type(layer_type)
-    candidates = [c for g in _candidate_groups(root, cls, None, stack) for c in g]  # names before wrapping
+    groups, shared = _candidate_groups(root, cls, None, stack)
+    candidates = [c for g in groups for c in g]  # names before wrapping
     parameter_count = sum(p.numel() for p in root.parameters())
     convert_to_random_ltd(model, cls, layers=layers, ds_config=cfg, scheduler=scheduler, seq_args=seq_args,
                           stack=stack)
-    wrapped = {name for name, _ in random_ltd_layers(model)}
-    rows = [LayerRow(i, n, type(m).__name__, n in wrapped) for i, (n, m) in enumerate(candidates)]
+    wrappers = dict(random_ltd_layers(model))
+
+    def is_wrapped(label: str) -> bool:  # a shared layer (ALBERT) drops in some of its calls only
+        call = shared.get(label)
+        if call is None:
+            return label in wrappers
+        w = wrappers.get(call.name)
+        return w is not None and call.call in (w.calls or ())
+
+    rows = [LayerRow(i, n, type(m).__name__, is_wrapped(n)) for i, (n, m) in enumerate(candidates)]
     return ModelReport(
         format="model",
         target=target,

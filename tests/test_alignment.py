@@ -9,7 +9,14 @@ import torch
 from conftest import FixedSampler
 from torch import nn
 
-from random_ltd_cli import ConfigError, ConversionError, InputError, RandomLayerTokenDrop, convert_to_random_ltd
+from random_ltd_cli import (
+    ConfigError,
+    ConversionError,
+    InputError,
+    RandomLayerTokenDrop,
+    convert_to_random_ltd,
+    revert_random_ltd,
+)
 from random_ltd_cli.alignment import parse_alignment
 from random_ltd_cli.convert import random_ltd_layers
 from random_ltd_cli.recorders import dropped_rows
@@ -166,12 +173,27 @@ def test_swin_is_refused_at_conversion_and_left_untouched() -> None:
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 
-def test_albert_refusal_says_why_and_what_to_do() -> None:
-    cfg = T.AlbertConfig(vocab_size=50, embedding_size=8, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                         intermediate_size=32)
-    with pytest.raises(ConversionError, match=r"shares 1 layer group\(s\) between 4 layer calls.*"
-                                              r"num_hidden_groups=num_hidden_layers"):
-        convert_to_random_ltd(T.AlbertModel(cfg), reserved_length=3)
+def test_albert_shared_layer_drops_in_its_middle_calls_only() -> None:
+    cfg = T.AlbertConfig(vocab_size=50, embedding_size=8, hidden_size=16, num_hidden_layers=5, num_attention_heads=2,
+                         intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = T.AlbertForMaskedLM(cfg).train()
+    ids = torch.randint(3, 50, (2, 9))
+    full = model(input_ids=ids, output_hidden_states=True).hidden_states
+    convert_to_random_ltd(model, reserved_length=4)
+    (name, wrapper), = random_ltd_layers(model)
+    assert name == "albert.encoder.albert_layer_groups.0.albert_layers.0" and wrapper.calls == {1, 2, 3}
+    drops: list[bool] = []
+    wrapper.register_forward_pre_hook(lambda m, a: setattr(m, "last_indices", None))
+    wrapper.register_forward_hook(lambda m, a, o: drops.append(m.last_indices is not None))
+    for _ in range(2):  # the call count starts again with every forward
+        drops.clear()
+        out = model(input_ids=ids, output_hidden_states=True)
+        assert drops == [False, True, True, True, False]
+    torch.testing.assert_close(out.hidden_states[1], full[1])  # call 0 saw every token
+    assert not torch.allclose(out.hidden_states[2], full[2])
+    revert_random_ltd(model)
+    assert not model.albert.encoder._forward_pre_hooks
 
 
 def test_moe_router_logits_are_full_length_on_a_padded_batch() -> None:
