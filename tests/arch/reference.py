@@ -45,6 +45,8 @@ class Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     out: Any = None
+    draws: int = 0  # the sampler's draw count when the call started
+    idx: torch.Tensor | None = None  # the kept indices, when this call dropped tokens
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Outcome:
     wrapped: list[str] = field(default_factory=list)
     max_diff: float = 0.0
     seq_args: list[str] = field(default_factory=list)  # sequence-aligned tensor arguments besides the states
+    partial: list[str] = field(default_factory=list)  # wrapped layers that drop in some of their calls only
 
 
 def convert(model: nn.Module, fam: Family) -> nn.Module:
@@ -174,12 +177,16 @@ def capture(model: nn.Module) -> list[tuple[str, Any, list[Call], Recording]]:
         rec = Recording(wrapper.sampler)
         wrapper.sampler = rec
 
-        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _calls: list[Call] = calls) -> None:
-            _calls.append(Call(args, dict(kwargs)))
+        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _calls: list[Call] = calls,
+                _rec: Recording = rec) -> None:
+            _calls.append(Call(args, dict(kwargs), draws=len(_rec.calls)))
 
         def post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
-                 _calls: list[Call] = calls) -> None:
-            _calls[-1].out = out
+                 _calls: list[Call] = calls, _rec: Recording = rec) -> None:
+            call = next(c for c in reversed(_calls) if c.out is None)
+            call.out = out
+            if len(_rec.calls) > call.draws:
+                call.idx = _rec.calls[-1]
 
         wrapper.register_forward_pre_hook(pre, with_kwargs=True)
         wrapper.register_forward_hook(post, with_kwargs=True)
@@ -211,13 +218,20 @@ def check_exact(fam: Family, model: nn.Module) -> Outcome:
     torch.manual_seed(0)
     with torch.no_grad():
         model(**batch_for(fam))
-    for name, wrapper, calls, rec in records:
+    for name, wrapper, calls, _ in records:
         inner = wrapper.random_ltd_layer
-        assert calls, f"{name} was not called"
-        assert len(rec.calls) == len(calls), f"{name}: {len(calls)} calls but {len(rec.calls)} index draws"
-        for call, idx in zip(calls, rec.calls, strict=True):
+        dropping = [c for c in calls if c.idx is not None]
+        assert dropping, f"{name} dropped no tokens in {len(calls)} call(s)"
+        if len(dropping) < len(calls):
+            outcome.partial.append(f"{name}: {len(dropping)} of {len(calls)} calls")
+        for call in calls:
+            if call.idx is None:  # a call that does not drop runs the layer on the very same arguments
+                with torch.no_grad():
+                    plain = inner(*call.args, **call.kwargs)
+                assert torch.equal(_first(call.out), _first(plain)), f"{name}: a call without dropping differs"
+                continue
             causal = fam.kind == "decoder" or ".decoder." in f".{name}."
-            outcome.max_diff = max(outcome.max_diff, _compare(name, inner, call, idx, causal, fam.inverted_mask))
+            outcome.max_diff = max(outcome.max_diff, _compare(name, inner, call, call.idx, causal, fam.inverted_mask))
             named, params = _named(inner, call.args, call.kwargs)
             s = named[params[0] if params[0] in named else "hidden_states"].shape[1]
             outcome.seq_args += [a for a in seq_aligned(call, inner, s) if a not in outcome.seq_args]
@@ -276,8 +290,8 @@ def check_training_step(fam: Family, attn: str) -> float:
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads), "non-finite gradients"
-    for name, _, calls, rec in records:
-        assert rec.calls and len(rec.calls) == len(calls), f"{name} did not drop tokens"
+    for name, _, calls, _ in records:
+        assert any(c.idx is not None for c in calls), f"{name} did not drop tokens"
     return float(loss.detach())
 
 
