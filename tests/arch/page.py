@@ -59,6 +59,7 @@ def _status(fam: Family) -> tuple[str, str, str]:
         raise AssertionError(f"{fam.name}: the sweep found {res.status}: {res.detail}")
     out = res.outcome
     status = "exact" + (f" (drops in {'; '.join(out.partial)})" if out.partial else "")
+    status += " (the same kept positions for every sample of a batch)" if out.shared_indices else ""
     return f"`{out.stack}` ({out.layer_class})", status, ", ".join(f"`{a}`" for a in sorted(out.seq_args))
 
 

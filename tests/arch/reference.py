@@ -59,6 +59,8 @@ class Outcome:
     max_diff: float = 0.0
     seq_args: list[str] = field(default_factory=list)  # sequence-aligned tensor arguments besides the states
     partial: list[str] = field(default_factory=list)  # wrapped layers that drop in some of their calls only
+    shared_indices: bool = False  # one set of kept positions for the whole batch (instead of one per sample)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # first mask each layer got
 
 
 def convert(model: nn.Module, fam: Family) -> nn.Module:
@@ -82,37 +84,73 @@ def _named(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
     return named, [p.name for p in params]
 
 
+def _convention(mask: torch.Tensor, inverted: bool) -> str:
+    """How a mask encodes "may attend": ``keep`` (True/1 = attend), ``blocked`` (True = masked, MPT) or
+    ``additive`` (0 = attend, a large negative value = masked). A float mask of 0s and 1s is a keep mask
+    (DeBERTa builds one when no mask is passed); an additive one never holds 1."""
+    if mask.dtype == torch.bool:
+        return "blocked" if inverted else "keep"
+    if mask.dtype.is_floating_point:
+        binary = bool(((mask == 0) | (mask == 1)).all()) and bool((mask == 1).any())
+        return "keep" if binary else "additive"
+    return "keep"
+
+
+def _encode(ok: torch.Tensor, like: torch.Tensor, convention: str) -> torch.Tensor:
+    if convention == "blocked":
+        return ~ok
+    if convention == "additive":
+        return torch.zeros(ok.shape, dtype=like.dtype).masked_fill(~ok, torch.finfo(like.dtype).min)
+    return ok.to(like.dtype)
+
+
 def _restrict(mask: torch.Tensor, key_ok: torch.Tensor, s: int, inverted: bool = False) -> torch.Tensor:
     """``mask`` with the non-kept key columns disallowed; key_ok is [B, S(query), S(key)]."""
+    convention = _convention(mask, inverted)
     if mask.dim() == 2:  # [B, S] key padding: keep only the kept keys (no per-query diagonal possible)
-        kept = key_ok.all(1)  # a key allowed for every query is a kept one (the diagonal adds one query each)
-        return mask * kept.to(mask.dtype) if mask.dtype != torch.bool else mask & kept
-    ok = key_ok[:, None] if mask.dim() == 4 else key_ok
-    assert mask.shape[-1] == s, f"mask {tuple(mask.shape)} has no key axis of length {s}"
-    shape = (*ok.shape[:1], *mask.shape[1:-2], s, s) if mask.dim() == 4 else (ok.shape[0], s, s)
-    full = mask.expand(*shape) if mask.shape[0] == shape[0] or mask.shape[0] == 1 else mask
-    if full.dtype == torch.bool:
-        return full | ~ok if inverted else full & ok
-    if full.dtype.is_floating_point:
-        return full.masked_fill(~ok, torch.finfo(full.dtype).min)
-    return full * ok.to(full.dtype)
+        ok = key_ok.all(1)  # a key allowed for every query is a kept one (the diagonal adds one query each)
+    else:
+        ok = key_ok[:, None] if mask.dim() == 4 else key_ok
+        assert mask.shape[-1] == s, f"mask {tuple(mask.shape)} has no key axis of length {s}"
+        shape = (*ok.shape[:1], *mask.shape[1:-2], s, s) if mask.dim() == 4 else (ok.shape[0], s, s)
+        mask = mask.expand(*shape) if mask.shape[0] in (1, shape[0]) else mask
+    if convention == "additive":
+        return mask.masked_fill(~ok, torch.finfo(mask.dtype).min)
+    if convention == "blocked":
+        return mask | ~ok
+    return mask & ok if mask.dtype == torch.bool else mask * ok.to(mask.dtype)
+
+
+def _from_scratch(key_ok: torch.Tensor, causal: bool, like: torch.Tensor | None, inverted: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """A mask for a layer that got ``None``, in the form the same layer got on the padded batch."""
+    s = key_ok.shape[-1]
+    allowed = key_ok & (torch.ones(s, s, dtype=torch.bool).tril() if causal else True)  # (B, Sq, Sk)
+    if like is None:
+        return _encode(allowed[:, None], torch.zeros((), dtype=dtype), "additive")
+    convention = _convention(like, inverted)
+    if like.dim() == 2:
+        return _encode(key_ok.all(1), like, convention)
+    return _encode(allowed[:, None] if like.dim() == 4 else allowed, like, convention)
 
 
 def _allowed_rows(mask: torch.Tensor, b: int, s: int, inverted: bool = False) -> torch.Tensor:
     """[B, S] bool: query rows the model's own mask lets attend to some key (padding rows may be fully masked)."""
     if mask.dim() != 4 or mask.shape[-2] != s:
         return torch.ones(b, s, dtype=torch.bool)
-    if mask.dtype == torch.bool:
-        ok = ~mask if inverted else mask
-    elif mask.dtype.is_floating_point:
+    convention = _convention(mask, inverted)
+    if convention == "additive":
         ok = mask > torch.finfo(mask.dtype).min / 2
+    elif convention == "blocked":
+        ok = ~mask
     else:
         ok = mask != 0
     return ok.any(-1).all(1).expand(b, s)
 
 
 def reference_output(
-    layer: nn.Module, call: Call, idx: torch.Tensor, causal: bool, inverted: bool = False
+    layer: nn.Module, call: Call, idx: torch.Tensor, causal: bool, inverted: bool = False,
+    like: torch.Tensor | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """The unwrapped layer on all S tokens, keys restricted to the kept ones.
 
@@ -152,9 +190,7 @@ def reference_output(
         rows = _allowed_rows(mask, b, s, inverted)
         put(name, _restrict(mask, key_ok, s, inverted))
     elif mask is None:
-        allowed = key_ok & (torch.ones(s, s, dtype=torch.bool).tril() if causal else True)
-        put(name, torch.zeros(b, 1, s, s, dtype=hidden.dtype).masked_fill(
-            ~allowed[:, None], torch.finfo(hidden.dtype).min))
+        put(name, _from_scratch(key_ok, causal, like, inverted, hidden.dtype))
     else:
         raise AssertionError(f"{type(layer).__name__} got a {type(mask).__name__} {name!r}: no reference")
     for cache in ("past_key_value", "past_key_values", "layer_past", "cache"):
@@ -206,7 +242,10 @@ def seq_aligned(call: Call, layer: nn.Module, s: int) -> list[str]:
 
 
 def check_exact(fam: Family, model: nn.Module) -> Outcome:
-    """Run a padded forward of the converted ``model``, compare every wrapped layer with the reference.
+    """Compare every wrapped layer of the converted ``model`` with the reference.
+
+    Two forwards: the padded batch, then (where the family takes a padding mask) the same batch
+    without a mask, so that layers also meet ``None`` masks (e.g. sdpa's implicit causal mask).
 
     Raises:
         AssertionError: a wrapped layer differs from the reference (the message says where).
@@ -215,30 +254,51 @@ def check_exact(fam: Family, model: nn.Module) -> Outcome:
     outcome.stack, outcome.layer_class, outcome.wrapped = stack_of(model)
     records = capture(model)
     assert records, "no layer was wrapped"
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model(**batch_for(fam))
-    for name, wrapper, calls, _ in records:
-        inner = wrapper.random_ltd_layer
-        dropping = [c for c in calls if c.idx is not None]
-        assert dropping, f"{name} dropped no tokens in {len(calls)} call(s)"
-        if len(dropping) < len(calls):
-            outcome.partial.append(f"{name}: {len(dropping)} of {len(calls)} calls")
-        for call in calls:
-            if call.idx is None:  # a call that does not drop runs the layer on the very same arguments
-                with torch.no_grad():
-                    plain = inner(*call.args, **call.kwargs)
-                assert torch.equal(_first(call.out), _first(plain)), f"{name}: a call without dropping differs"
-                continue
-            causal = fam.kind == "decoder" or ".decoder." in f".{name}."
-            outcome.max_diff = max(outcome.max_diff, _compare(name, inner, call, call.idx, causal, fam.inverted_mask))
-            named, params = _named(inner, call.args, call.kwargs)
-            s = named[params[0] if params[0] in named else "hidden_states"].shape[1]
-            outcome.seq_args += [a for a in seq_aligned(call, inner, s) if a not in outcome.seq_args]
+    padded = batch_for(fam)
+    batches = [padded]
+    if any("attention_mask" in k for k in padded):
+        batches.append({k: v for k, v in padded.items() if "attention_mask" not in k})
+    for batch in batches:
+        for _, _, calls, rec in records:
+            calls.clear()
+            rec.calls.clear()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model(**batch)
+        for name, wrapper, calls, _ in records:
+            _check_layer(fam, name, wrapper.random_ltd_layer, calls, outcome)
     return outcome
 
 
-def _compare(name: str, inner: nn.Module, call: Call, idx: torch.Tensor, causal: bool, inverted: bool) -> float:
+def _check_layer(fam: Family, name: str, inner: nn.Module, calls: list[Call], outcome: Outcome) -> None:
+    dropping = [c for c in calls if c.idx is not None]
+    assert dropping, f"{name} dropped no tokens in {len(calls)} call(s)"
+    note = f"{name}: {len(dropping)} of {len(calls)} calls"
+    if len(dropping) < len(calls) and note not in outcome.partial:
+        outcome.partial.append(note)
+    for call in calls:
+        if call.idx is None:  # a call that does not drop runs the layer on the very same arguments
+            with torch.no_grad():
+                plain = inner(*call.args, **call.kwargs)
+            assert torch.equal(_first(call.out), _first(plain)), f"{name}: a call without dropping differs"
+            continue
+        outcome.shared_indices |= call.idx.shape[0] == 1
+        causal = fam.kind == "decoder" or ".decoder." in f".{name}."
+        named, params = _named(inner, call.args, call.kwargs)
+        mask = next((named[n] for n in SELF_MASKS if isinstance(named.get(n), torch.Tensor)), None)
+        if mask is not None:
+            outcome.masks.setdefault(name, mask)  # the form of this layer's mask, for calls that get None
+        like = outcome.masks.get(name)
+        diff = _compare(name, inner, call, call.idx, causal, fam.inverted_mask, like)
+        outcome.max_diff = max(outcome.max_diff, diff)
+        s = named[params[0] if params[0] in named else "hidden_states"].shape[1]
+        outcome.seq_args += [a for a in seq_aligned(call, inner, s) if a not in outcome.seq_args]
+
+
+def _compare(
+    name: str, inner: nn.Module, call: Call, idx: torch.Tensor, causal: bool, inverted: bool,
+    like: torch.Tensor | None,
+) -> float:
     named, params = _named(inner, call.args, call.kwargs)
     hidden = named[params[0] if params[0] in named else "hidden_states"]
     b, s = hidden.shape[:2]
@@ -246,7 +306,7 @@ def _compare(name: str, inner: nn.Module, call: Call, idx: torch.Tensor, causal:
     idx = idx.expand(b, R)  # one row: the same kept positions for every sample (MPT)
     kept = torch.zeros(b, s, dtype=torch.bool).scatter(1, idx, True)
     with torch.no_grad():
-        ref, rows = reference_output(inner, call, idx, causal, inverted)
+        ref, rows = reference_output(inner, call, idx, causal, inverted, like)
     got = _first(call.out)
     assert got.shape == hidden.shape, f"{name}: output {tuple(got.shape)} != input {tuple(hidden.shape)}"
     assert torch.equal(got[~kept], hidden[~kept]), f"{name}: dropped tokens changed"

@@ -188,11 +188,15 @@ FAMILIES: list[Family] = [
     _f("m2m100", "M2M100Config", "M2M100ForConditionalGeneration", "seq2seq", SEQ2SEQ),
     _f("plbart", "PLBartConfig", "PLBartForConditionalGeneration", "seq2seq", SEQ2SEQ),
 ]
-DECODER_STACKS = [  # encoder-decoder models with the decoder stack chosen (cross-attention)
+DECODER_STACKS = [  # encoder-decoder models with the decoder stack (cross-attention) or both stacks chosen
     Family(f"{f.name}-decoder", f.config, f.model, f.kind, f.settings, {"stack": "decoder"}, f.expect,
            "decoder stack: self-attention causal, cross-attention to the full encoder output", f.group,
            f.inverted_mask, f.refusal, f.xfail)
     for f in FAMILIES if f.name in ("t5", "bart", "whisper")
+] + [
+    Family(f"{f.name}-both", f.config, f.model, f.kind, f.settings, {"stack": "both"}, f.expect,
+           "both stacks: the middle layers of the encoder and of the decoder", f.group)
+    for f in FAMILIES if f.name in ("t5", "bart")
 ]
 VARIANTS = FAMILIES + DECODER_STACKS
 BY_NAME = {f.name: f for f in VARIANTS}
