@@ -26,8 +26,10 @@ differs from what the sweep finds, so it is true to the code. Regenerate it with
 
 Each row is a tiny random-weight model built from its transformers {version} config (4 layers,
 hidden 32, no downloads), converted with `convert_to_random_ltd(model, reserved_length=6)` (the
-default layer selection: the middle layers of the stack), in every attention implementation the
-model class supports among `eager` and `sdpa`, on a padded batch of two samples.
+default layer selection: the middle layers of the stack; for encoder-decoder models the default
+stack is the encoder, and rows whose notes name `stack=` pass it), in every attention
+implementation the model class supports among `eager` and `sdpa`, on a padded batch of two
+samples and again without a padding mask.
 
 - **exact**: for every call of every wrapped layer, an independent reference runs the *unwrapped*
   layer on all tokens with its attention restricted to the kept keys (the non-kept key columns of its

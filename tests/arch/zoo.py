@@ -160,7 +160,8 @@ FAMILIES: list[Family] = [
        dict(VISION, use_relative_position_bias=False)),
     _f("swin", "SwinConfig", "SwinForImageClassification", "vision",
        dict(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[4], num_heads=[2], window_size=2,
-            num_labels=2), notes="shifted 2-D windows", expect="refused", refusal="SwinLayer"),
+            num_labels=2), notes="shifted 2-D windows", expect="refused",
+       refusal="random-LTD cannot drop tokens in SwinLayer exactly: it partitions its tokens into 2-D windows"),
     _f("siglip", "SiglipVisionConfig", "SiglipVisionModel", "vision", VISION),
     # -- speech ---------------------------------------------------------------------------------
     _f("wav2vec2", "Wav2Vec2Config", "Wav2Vec2Model", "speech", dict(SPEECH, feat_extract_norm="layer")),
@@ -190,12 +191,12 @@ FAMILIES: list[Family] = [
 ]
 DECODER_STACKS = [  # encoder-decoder models with the decoder stack (cross-attention) or both stacks chosen
     Family(f"{f.name}-decoder", f.config, f.model, f.kind, f.settings, {"stack": "decoder"}, f.expect,
-           "decoder stack: self-attention causal, cross-attention to the full encoder output", f.group,
+           "`stack=\"decoder\"`: causal self-attention, cross-attention to the full encoder output", f.group,
            f.inverted_mask, f.refusal, f.xfail)
     for f in FAMILIES if f.name in ("t5", "bart", "whisper")
 ] + [
     Family(f"{f.name}-both", f.config, f.model, f.kind, f.settings, {"stack": "both"}, f.expect,
-           "both stacks: the middle layers of the encoder and of the decoder", f.group)
+           "`stack=\"both\"`: the middle layers of the encoder and of the decoder", f.group)
     for f in FAMILIES if f.name in ("t5", "bart")
 ]
 VARIANTS = FAMILIES + DECODER_STACKS
