@@ -14,9 +14,16 @@ from .zoo import FAMILIES
 
 
 def test_architectures_page_matches_the_sweep() -> None:
+    import transformers
+
+    committed = PAGE.read_text()
+    version = re.search(r"transformers (\S+) config", committed)
+    assert version, "docs/architectures.md does not name the transformers version it was generated with"
+    if version.group(1) != transformers.__version__:
+        pytest.skip(f"the page was generated with transformers {version.group(1)}, {transformers.__version__} "
+                    "is installed (the sweep itself still runs)")
     torch.set_num_threads(1)
-    expected = render()
-    assert PAGE.read_text() == expected, "docs/architectures.md is stale: run `python -m tests.arch.page --write`"
+    assert committed == render(), "docs/architectures.md is stale: run `python -m tests.arch.page --write`"
 
 
 def test_readme_links_the_page_with_the_sweep_size() -> None:
