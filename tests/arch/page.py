@@ -41,7 +41,8 @@ samples and again without a padding mask.
   the message quoted, and the model is left untouched.
 
 **Sequence arguments** lists the arguments (besides the hidden states) that the wrapped layers
-receive with an axis of the sequence's length; the wrapper gathers them with the kept indices.
+receive with an axis of the sequence's length; the wrapper gathers them along their token axes (queries,
+keys or both) with the kept indices.
 Families: {families} ({exact} exact, {refused} refused{gaps}).
 """
 
