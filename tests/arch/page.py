@@ -35,8 +35,9 @@ samples and again without a padding mask.
   layer on all tokens with its attention restricted to the kept keys (the non-kept key columns of its
   mask set to `-inf`); the wrapped layer's output at the kept positions equals it (within 2e-5), the
   dropped positions equal the layer's input, and other tensors the layer returns keep their full
-  length. One training step of the converted model on the padded batch gives a finite loss and
-  finite gradients.
+  length. One training step of the converted model on the padded batch (loss, backward, SGD step)
+  gives a finite loss (and a finite load-balancing loss for the mixture-of-experts models, which run
+  with `output_router_logits=True`), finite gradients and finite parameters.
 - **refused**: `convert_to_random_ltd` raises the library's `ConversionError` (or `InputError`) with
   the message quoted, and the model is left untouched.
 

@@ -341,15 +341,22 @@ def loss_of(out: Any) -> torch.Tensor:
 
 
 def check_training_step(fam: Family, attn: str) -> float:
-    """One training step of the converted model on a padded batch: finite loss and gradients."""
+    """One training step of the converted model on a padded batch: finite loss (and load-balancing
+    loss, for MoE models with ``output_router_logits=True``), finite gradients, an optimizer step."""
     model = convert(build(fam.name, attn), fam)
     records = capture(model)
     torch.manual_seed(0)
-    loss = loss_of(model(**batch_for(fam, labels=True)))
+    out = model(**batch_for(fam, labels=True))
+    loss = loss_of(out)
     assert torch.isfinite(loss), f"loss {loss}"
+    aux = getattr(out, "aux_loss", None)
+    if getattr(model.config, "output_router_logits", False):
+        assert aux is not None and torch.isfinite(aux), f"load-balancing loss {aux}"
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads), "non-finite gradients"
+    torch.optim.SGD(model.parameters(), lr=1e-2).step()
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "non-finite parameters after the step"
     for name, _, calls, _ in records:
         assert any(c.idx is not None for c in calls), f"{name} did not drop tokens"
     return float(loss.detach())
