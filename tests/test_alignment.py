@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -215,3 +216,63 @@ def test_moe_router_logits_are_full_length_on_a_padded_batch() -> None:
     dropped = torch.ones(16, dtype=torch.bool)
     dropped[flat] = False
     torch.testing.assert_close(out.router_logits[1][dropped], dropped_rows(16, 4, out.router_logits[1])[dropped])
+
+
+# -- refusals of some layers, shared-layer settings, CLI ----------------------------------------------
+
+
+class Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(H, H)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.lin(hidden_states)
+
+
+class Windowed(Plain):
+    def forward(self, hidden_states: torch.Tensor, input_dimensions: Any = None) -> torch.Tensor:  # type: ignore[override]
+        return hidden_states + self.lin(hidden_states)
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Plain(), Windowed(), Plain(), Windowed()])
+
+
+def test_mixed_stack_names_the_refused_layers_and_the_compatible_ones() -> None:
+    model = Mixed()
+    with pytest.raises(ConversionError, match=r"cannot drop tokens exactly in layers 1 \(layers.1\) of Windowed: it "
+                                              r"partitions .* The model is unchanged; wrap only the compatible ones, "
+                                              r"e.g. layers=\[2\]"):
+        convert_to_random_ltd(model, layer_type=(Plain,), layers="middle", reserved_length=2)
+    assert not random_ltd_layers(model)
+    convert_to_random_ltd(model, layer_type=(Plain,), layers=[2], reserved_length=2)
+    assert [n for n, _ in random_ltd_layers(model)] == ["layers.2"]
+
+
+@pytest.mark.parametrize(("calls", "per", "message"), [
+    ([1], None, "calls= and calls_per_forward= go together"),
+    ([5], 5, r"calls=\[5\]: call 5 is outside 0..4"),
+])
+def test_shared_call_settings_are_checked(calls: Any, per: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RandomLayerTokenDrop(Plain(), reserved_length=2, calls=calls, calls_per_forward=per)
+
+
+def test_cli_seq_arg_and_stack() -> None:
+    from typer.testing import CliRunner
+
+    from random_ltd_cli.cli import app
+
+    init = '{"vocab_size": 50, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 4, "num_heads": 2}'
+    ok = CliRunner().invoke(app, ["inspect", "transformers:T5ForConditionalGeneration", "--init", init, "--json",
+                                  "--stack", "decoder", "--seq-arg", "my_bias=b h q k"])
+    assert ok.exit_code == 0, ok.stderr
+    assert json.loads(ok.stdout)["wrapped_layers"] == ["decoder.block.1", "decoder.block.2"]
+    bad = CliRunner().invoke(app, ["inspect", "transformers:T5ForConditionalGeneration", "--init", init,
+                                   "--seq-arg", "my_bias"])
+    assert bad.exit_code == 1
+    assert bad.stderr.strip() == ("Error: --seq-arg 'my_bias' must read NAME=AXES, e.g. --seq-arg "
+                                  "my_bias='b h q k'.")
