@@ -221,17 +221,23 @@ def resolve_alignments(mask_names: tuple[str, ...] | None, seq_args: Mapping[str
 
 
 def unknown_argument(name: str, value: Any, batch: int, seq_len: int, owner: str) -> InputError | None:
-    """The error for a tensor argument with no alignment that has an axis of size ``S``; else ``None``."""
+    """The error for a tensor argument with no alignment that has an axis of length ``S`` (or ``2S``/``2S-1``,
+    the length of a relative-position table); else ``None``."""
     tensors = [value] if isinstance(value, torch.Tensor) else (
         [v for v in value if isinstance(v, torch.Tensor)] if isinstance(value, (tuple, list)) else [])
     for t in tensors:
         if seq_len in t.shape:
-            shape = tuple(t.shape)
-            return InputError(
-                f"{owner}.forward got {name!r} of shape {shape}, which has the sequence length {seq_len} on an axis, "
-                f"and random-LTD does not know how it lines up with the tokens. Declare it, e.g. "
-                f"seq_args={{{name!r}: 'b h q k'}} (axes: b batch, q/k query/key tokens, s tokens, others left "
-                f"alone; CLI: --seq-arg {name}='b h q k') or {{{name!r}: 'none'}} if it is not per token; or create "
-                "the layer with on_unsupported='passthrough' to run such calls on all tokens."
-            )
+            what = f"which has the sequence length {seq_len} on an axis"
+        elif seq_len > 1 and (2 * seq_len in t.shape or 2 * seq_len - 1 in t.shape):
+            what = f"which has an axis of length {2 * seq_len if 2 * seq_len in t.shape else 2 * seq_len - 1} " \
+                   f"(a relative-position table for the sequence length {seq_len}?)"
+        else:
+            continue
+        return InputError(
+            f"{owner}.forward got {name!r} of shape {tuple(t.shape)}, {what}, and random-LTD does not know how it "
+            f"lines up with the tokens. Declare it, e.g. seq_args={{{name!r}: 'b h q k'}} (axes: b batch, q/k "
+            f"query/key tokens, s tokens, others left alone; CLI: --seq-arg {name}='b h q k') or {{{name!r}: 'none'}} "
+            "if it is not per token; or create the layer with on_unsupported='passthrough' to run such calls on all "
+            "tokens."
+        )
     return None

@@ -75,6 +75,17 @@ def test_unknown_sequence_argument_is_refused_with_the_remedy() -> None:
         w(torch.randn(B, S, H), my_bias=torch.randn(B, 1, S, S))
 
 
+def test_unknown_relative_position_table_is_refused() -> None:
+    class RelLayer(nn.Module):
+        def forward(self, hidden_states: torch.Tensor, pos_emb: torch.Tensor | None = None) -> torch.Tensor:
+            return hidden_states
+
+    w = _wrap(RelLayer())
+    with pytest.raises(InputError, match=r"RelLayer.forward got 'pos_emb' of shape \(11, 2, 8\), which has an axis of "
+                                         r"length 11 \(a relative-position table for the sequence length 6\?\)"):
+        w(torch.randn(B, S, H), pos_emb=torch.randn(2 * S - 1, B, H))
+
+
 def test_unknown_argument_passthrough_runs_all_tokens() -> None:
     layer = BiasLayer()
     w = _wrap(layer, on_unsupported="passthrough")
