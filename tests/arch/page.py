@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .reference import result
+from .reference import ATOL, RTOL, result
 from .zoo import BY_NAME, FAMILIES, VARIANTS, Family, attn_kinds
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
@@ -32,12 +32,15 @@ implementation the model class supports among `eager` and `sdpa`, on a padded ba
 samples and again without a padding mask.
 
 - **exact**: for every call of every wrapped layer, an independent reference runs the *unwrapped*
-  layer on all tokens with its attention restricted to the kept keys (the non-kept key columns of its
-  mask set to `-inf`); the wrapped layer's output at the kept positions equals it (within 2e-5), the
-  dropped positions equal the layer's input, and other tensors the layer returns keep their full
-  length. One training step of the converted model on the padded batch (loss, backward, SGD step)
-  gives a finite loss (and a finite load-balancing loss for the mixture-of-experts models, which run
-  with `output_router_logits=True`), finite gradients and finite parameters.
+  layer on all tokens with its attention restricted to the kept keys (the non-kept key columns of
+  its mask blocked, in the layer's own mask convention); the wrapped layer's output at the kept
+  positions equals it (to {atol:g} + {rtol:g} x the reference; padding query rows, which the
+  model's own mask blocks entirely, carry nothing and are not compared), the dropped positions equal the
+  layer's input, and inputs that the layer hands on in its output keep their full length. Calls in
+  which a wrapped layer does not drop (ALBERT's first and last) equal the unwrapped layer bitwise.
+  One training step of the converted model on the padded batch (loss, backward, SGD step) gives a
+  finite loss (and a finite load-balancing loss for the mixture-of-experts models, which run with
+  `output_router_logits=True`), finite gradients and finite parameters.
 - **refused**: `convert_to_random_ltd` raises the library's `ConversionError` (or `InputError`) with
   the message quoted, and the model is left untouched.
 
@@ -75,8 +78,9 @@ def render() -> str:
     exact = {BY_NAME[n].family for n, r in rows.items() if r[1].startswith("exact")}
     refused = {BY_NAME[n].family for n, r in rows.items() if r[1].startswith("refused")} - exact
     gaps = families - exact - refused
-    text = HEADER.format(version=transformers.__version__, families=len(families), exact=len(exact),
-                         refused=len(refused), gaps=f", {len(gaps)} known gap{'s' * (len(gaps) != 1)}" if gaps else "")
+    text = HEADER.format(version=transformers.__version__, atol=ATOL, rtol=RTOL, families=len(families),
+                         exact=len(exact), refused=len(refused),
+                         gaps=f", {len(gaps)} known gap{'s' * (len(gaps) != 1)}" if gaps else "")
     for section in SECTIONS:
         text += f"\n## {section}\n\n{COLUMNS}\n"
         text += "|---|---|---|---|---|---|---|\n"
