@@ -362,6 +362,18 @@ def check_training_step(fam: Family, attn: str) -> float:
     return float(loss.detach())
 
 
+def check_eval_identical(fam: Family, attn: str) -> None:
+    """In eval mode the converted model's outputs equal the unconverted model's bitwise (adapters included)."""
+    plain = build(fam.name, attn).eval()
+    model = convert(build(fam.name, attn), fam).eval()
+    batch = batch_for(fam)
+    with torch.no_grad():
+        a, b = plain(**batch), model(**batch)
+    a_out = a.to_tuple() if hasattr(a, "to_tuple") else a
+    b_out = b.to_tuple() if hasattr(b, "to_tuple") else b
+    assert torch.equal(_first(a_out), _first(b_out)), "eval outputs differ from the unconverted model's"
+
+
 def snapshot(model: nn.Module) -> tuple[list[tuple[str, type]], dict[str, torch.Tensor]]:
     return ([(n, type(m)) for n, m in model.named_modules()],
             {k: v.clone() for k, v in model.state_dict().items()})

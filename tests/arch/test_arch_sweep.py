@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from .reference import check_training_step, result
+from .reference import check_eval_identical, check_training_step, result
 from .zoo import BY_NAME, VARIANTS, Family, attn_kinds
 
 
@@ -20,11 +20,11 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # tiny ops: one thread is far faster on a busy 2-core machine
 
 
-def _cases(families: list[Family]) -> list[object]:
+def _cases(families: list[Family], *, first_attention_only: bool = False) -> list[object]:
     return [
         pytest.param(f.name, attn, id=f"{f.name}-{attn}",
                      marks=[pytest.mark.xfail(strict=True, reason=f.xfail)] if f.xfail else [])
-        for f in families for attn in attn_kinds(f.name)
+        for f in families for attn in attn_kinds(f.name)[: 1 if first_attention_only else None]
     ]
 
 
@@ -41,6 +41,12 @@ def test_family_is_exact_or_refused(name: str, attn: str) -> None:
 def test_converted_model_trains_one_step_on_a_padded_batch(name: str, attn: str) -> None:
     loss = check_training_step(BY_NAME[name], attn)
     assert loss > 0
+
+
+@pytest.mark.parametrize(("name", "attn"), _cases([f for f in VARIANTS if f.expect == "exact"],
+                                                   first_attention_only=True))
+def test_converted_model_in_eval_mode_equals_the_unconverted_one(name: str, attn: str) -> None:
+    check_eval_identical(BY_NAME[name], attn)
 
 
 def test_sweep_covers_the_issue_families() -> None:
