@@ -50,6 +50,8 @@ class LayerAdapter:
 
     #: draw one set of kept positions for the whole batch (for arguments without a batch axis)
     shared_indices = False
+    #: :meth:`around` changes something: an activation-checkpoint recompute must run inside it too
+    has_context = False
 
     def alignments(self) -> dict[str, Alignment]:
         """Family-specific alignments; they replace the built-ins (the user's ``seq_args`` still win)."""
@@ -77,6 +79,8 @@ class _CustomAlignment(Alignment):
 
 
 class _LocalWindow(LayerAdapter):
+    has_context = True
+
     def __init__(self, attn: nn.Module) -> None:
         self.attn = attn
         bias: Any = attn.bias
@@ -147,6 +151,8 @@ def _mpt(layer: nn.Module) -> LayerAdapter | None:
 
 
 class _GridBias(LayerAdapter):
+    has_context = True
+
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
@@ -186,6 +192,7 @@ class _T5Bias(LayerAdapter):
         self.self_attn = layer.layer[0].SelfAttention
         # UMT5 layers take no position_bias: each computes its own from the length it sees
         self.own_bias = "position_bias" not in inspect.signature(layer.forward).parameters
+        self.has_context = self.own_bias
 
     @contextlib.contextmanager
     def around(self, idx: torch.Tensor, seq_len: int) -> Iterator[None]:
@@ -263,6 +270,8 @@ def _deberta_v2(layer: nn.Module) -> LayerAdapter | None:
 class _DebertaSpan(LayerAdapter):
     """DeBERTa (v1): the relative-attention span is ``min(seen length, max_relative_positions)``; during
     the call the module's span function answers for all ``S`` tokens."""
+
+    has_context = True
 
     def __init__(self, attn: nn.Module) -> None:
         self.module: Any = sys.modules[type(attn).__module__]

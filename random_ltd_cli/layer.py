@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from .adapters import find_adapter
+from .adapters import LayerAdapter, find_adapter
 from .alignment import Alignment, parse_seq_args, resolve_alignments, unknown_argument
 from .errors import ConfigError, ConversionError, InputError
 from .keys import SEGMENT
@@ -295,11 +295,10 @@ class RandomLayerTokenDrop(nn.Module):
         route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), keep, self.batch_first)
         call.set(self._hidden_name, route.split())
         with self._records.hold(route.flat, batch * seq_len) as records:  # router logits & co. come back full length
-            if adapter is not None:
-                with adapter.around(idx, seq_len):
-                    out = call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
+            if adapter is None:
+                out = call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
             else:
-                out = call_unrecorded(layer, call.args, call.kwargs)
+                out = _call_adapted(layer, adapter, call, idx, seq_len)
         records.replay()
         out = self._merge_output(route, out, swaps)
         return replay_recorders(layer, args, kwargs, out)
@@ -387,6 +386,30 @@ class RandomLayerTokenDrop(nn.Module):
             f"the wrapped {type(self.random_ltd_layer).__name__} returned {type(out).__name__}; random-LTD needs a "
             "tensor or a tuple whose element 0 is the hidden states."
         )
+
+
+def _call_adapted(layer: nn.Module, adapter: LayerAdapter, call: _Arguments, idx: torch.Tensor, seq_len: int) -> Any:
+    """The inner call inside the adapter's context. A Hugging Face layer with gradient checkpointing on would
+    recompute its forward in the backward pass outside that context (silently other values), so the
+    wrapper checkpoints the whole adapted call itself and switches the layer's own checkpointing off."""
+
+    own = adapter.has_context and layer.__dict__.get("gradient_checkpointing") and torch.is_grad_enabled()
+
+    def run(*_: Any) -> Any:
+        if own:
+            layer.__dict__["gradient_checkpointing"] = False
+        try:
+            with adapter.around(idx, seq_len):
+                return call_unrecorded(layer, call.args, call.kwargs)
+        finally:
+            if own:
+                layer.__dict__["gradient_checkpointing"] = True
+
+    if own:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(run, *[a for a in call.args if isinstance(a, torch.Tensor)], use_reentrant=False)
+    return run()
 
 
 def _restore(value: Any, swaps: list[tuple[Any, Any]]) -> Any:

@@ -287,3 +287,24 @@ def test_cli_seq_arg_and_stack() -> None:
     assert bad.exit_code == 1
     assert bad.stderr.strip() == ("Error: --seq-arg 'my_bias' must read NAME=AXES, e.g. --seq-arg "
                                   "my_bias='b h q k'.")
+
+
+def test_adapted_layer_under_hf_gradient_checkpointing_gives_the_same_gradients() -> None:
+    """BEiT's bias is gathered inside the call: a recompute in the backward pass must run inside it too."""
+    import copy
+
+    cfg = T.BeitConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                       image_size=8, patch_size=2, use_relative_position_bias=True, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    plain = T.BeitForImageClassification(cfg).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    pixels = torch.randn(2, 3, 8, 8)
+    grads = []
+    for model in (plain, checkpointed):
+        convert_to_random_ltd(model, reserved_length=9)
+        torch.manual_seed(1)
+        (model(pixel_values=pixels).logits ** 2).mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
