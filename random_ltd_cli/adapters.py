@@ -318,6 +318,15 @@ def refusal(layer: nn.Module) -> str | None:
     if "input_dimensions" in params:
         return ("it partitions its tokens into 2-D windows of the image grid (Swin-style input_dimensions); a "
                 "subset of the tokens has no grid")
+    if "is_index_masked" in params:
+        return ("its sliding-window attention cuts the sequence it sees into fixed chunks (Longformer-style), so on "
+                "r kept tokens the windows would count kept tokens, not positions")
+    if getattr(layer, "attention_type", None) == "block_sparse":
+        return ("its block-sparse attention groups the tokens it sees into fixed blocks (BigBird); set "
+                "attention_type='original_full' to train it with random-LTD")
+    if any(hasattr(m, "num_landmarks") for m in layer.modules()):
+        return ("its Nystrom attention averages fixed segments of the sequence it sees into landmarks, which a "
+                "subset of the tokens does not have")
     attn = getattr(getattr(layer, "attention", None), "self", None)
     if getattr(attn, "relative_attention", False) is True and find_adapter(layer) is None and hasattr(
         attn, "max_relative_positions"

@@ -185,6 +185,19 @@ def test_swin_is_refused_at_conversion_and_left_untouched() -> None:
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 
+@pytest.mark.parametrize(("model", "message"), [
+    (lambda: T.LongformerModel(T.LongformerConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
+                                                  num_attention_heads=2, intermediate_size=32, attention_window=4)),
+     "LongformerLayer exactly: its sliding-window attention cuts the sequence"),
+    (lambda: T.BigBirdModel(T.BigBirdConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                            intermediate_size=32, attention_type="block_sparse", block_size=2)),
+     r"BigBirdLayer exactly: its block-sparse attention .* set attention_type='original_full'"),
+])
+def test_length_derived_attention_is_refused_at_conversion(model: Any, message: str) -> None:
+    with pytest.raises(ConversionError, match=message):
+        convert_to_random_ltd(model(), reserved_length=3)
+
+
 def test_albert_shared_layer_drops_in_its_middle_calls_only() -> None:
     cfg = T.AlbertConfig(vocab_size=50, embedding_size=8, hidden_size=16, num_hidden_layers=5, num_attention_heads=2,
                          intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
