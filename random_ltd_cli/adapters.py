@@ -324,6 +324,9 @@ def refusal(layer: nn.Module) -> str | None:
     if getattr(layer, "attention_type", None) == "block_sparse":
         return ("its block-sparse attention groups the tokens it sees into fixed blocks (BigBird); set "
                 "attention_type='original_full' to train it with random-LTD")
+    if any(hasattr(m, "block_len") and hasattr(m, "local_radius") for m in layer.modules()):
+        return ("its local attention splits the sequence it sees into blocks of fixed length (LongT5-style), so on "
+                "r kept tokens the blocks would count kept tokens, not positions")
     if any(hasattr(m, "num_landmarks") for m in layer.modules()):
         return ("its Nystrom attention averages fixed segments of the sequence it sees into landmarks, which a "
                 "subset of the tokens does not have")

@@ -192,6 +192,9 @@ def test_swin_is_refused_at_conversion_and_left_untouched() -> None:
     (lambda: T.BigBirdModel(T.BigBirdConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
                                             intermediate_size=32, attention_type="block_sparse", block_size=2)),
      r"BigBirdLayer exactly: its block-sparse attention .* set attention_type='original_full'"),
+    (lambda: T.LongT5Model(T.LongT5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=3, num_heads=2,
+                                          local_radius=2)),
+     "LongT5Block exactly: its local attention splits the sequence it sees into blocks"),
 ])
 def test_length_derived_attention_is_refused_at_conversion(model: Any, message: str) -> None:
     with pytest.raises(ConversionError, match=message):
