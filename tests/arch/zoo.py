@@ -150,6 +150,17 @@ FAMILIES: list[Family] = [
     _f("modernbert", "ModernBertConfig", "ModernBertForMaskedLM", "encoder",
        dict(H, local_attention=4, global_attn_every_n_layers=2, cls_token_id=1, sep_token_id=2),
        notes="local attention window 4 < S=12 (alternate layers)"),
+    _f("big_bird", "BigBirdConfig", "BigBirdForMaskedLM", "encoder", dict(H, attention_type="original_full"),
+       notes="`attention_type=\"original_full\"`"),
+    _f("big_bird-block_sparse", "BigBirdConfig", "BigBirdForMaskedLM", "encoder",
+       dict(H, attention_type="block_sparse", block_size=2, num_random_blocks=1), notes="block-sparse attention",
+       expect="refused", refusal="BigBirdLayer exactly: its block-sparse attention"),
+    _f("longformer", "LongformerConfig", "LongformerForMaskedLM", "encoder", dict(H, attention_window=4),
+       notes="sliding-window chunks", expect="refused",
+       refusal="LongformerLayer exactly: its sliding-window attention cuts the sequence"),
+    _f("nystromformer", "NystromformerConfig", "NystromformerForMaskedLM", "encoder",
+       dict(H, num_landmarks=4, segment_means_seq_len=12), notes="landmark attention", expect="refused",
+       refusal="NystromformerLayer exactly: its Nystrom attention averages fixed segments"),
     # -- vision ---------------------------------------------------------------------------------
     _f("vit", "ViTConfig", "ViTForImageClassification", "vision", VISION),
     _f("deit", "DeiTConfig", "DeiTForImageClassification", "vision", VISION),
@@ -188,12 +199,19 @@ FAMILIES: list[Family] = [
     _f("blenderbot", "BlenderbotConfig", "BlenderbotForConditionalGeneration", "seq2seq", SEQ2SEQ),
     _f("m2m100", "M2M100Config", "M2M100ForConditionalGeneration", "seq2seq", SEQ2SEQ),
     _f("plbart", "PLBartConfig", "PLBartForConditionalGeneration", "seq2seq", SEQ2SEQ),
+    _f("longt5", "LongT5Config", "LongT5ForConditionalGeneration", "seq2seq",
+       dict(T5, encoder_attention_type="local", local_radius=2), notes="blocked local attention in the encoder",
+       expect="refused", refusal="LongT5Block exactly: its local attention splits the sequence it sees into blocks"),
+    _f("led", "LEDConfig", "LEDForConditionalGeneration", "seq2seq",
+       dict(SEQ2SEQ, max_encoder_position_embeddings=64, max_decoder_position_embeddings=64, attention_window=4),
+       notes="sliding-window chunks in the encoder", expect="refused",
+       refusal="LEDEncoderLayer exactly: its sliding-window attention cuts the sequence"),
 ]
 DECODER_STACKS = [  # encoder-decoder models with the decoder stack (cross-attention) or both stacks chosen
-    Family(f"{f.name}-decoder", f.config, f.model, f.kind, f.settings, {"stack": "decoder"}, f.expect,
+    Family(f"{f.name}-decoder", f.config, f.model, f.kind, f.settings, {"stack": "decoder"}, "exact",
            "`stack=\"decoder\"`: causal self-attention, cross-attention to the full encoder output", f.group,
-           f.inverted_mask, f.refusal, f.xfail)
-    for f in FAMILIES if f.name in ("t5", "bart", "whisper")
+           f.inverted_mask)
+    for f in FAMILIES if f.name in ("t5", "bart", "whisper", "led", "longt5")
 ] + [
     Family(f"{f.name}-both", f.config, f.model, f.kind, f.settings, {"stack": "both"}, f.expect,
            "`stack=\"both\"`: the middle layers of the encoder and of the decoder", f.group)
