@@ -40,8 +40,9 @@ samples and again without a padding mask.
   which a wrapped layer does not drop (ALBERT's first and last) equal the unwrapped layer bitwise.
   One training step of the converted model on the padded batch (loss, backward, SGD step) gives a
   finite loss (and a finite load-balancing loss for the mixture-of-experts models, which run with
-  `output_router_logits=True`), finite gradients and finite parameters. In eval mode the converted
-  model's output equals the unconverted model's bitwise.
+  `output_router_logits=True`), finite gradients and finite parameters; with Hugging Face gradient
+  checkpointing (where the model class supports it) the gradients are the same. In eval mode the
+  converted model's output equals the unconverted model's bitwise.
 - **refused**: `convert_to_random_ltd` raises the library's `ConversionError` (or `InputError`) with
   the message quoted, and the model is left untouched.
 

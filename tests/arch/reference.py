@@ -362,6 +362,29 @@ def check_training_step(fam: Family, attn: str) -> float:
     return float(loss.detach())
 
 
+def check_checkpointing(fam: Family, attn: str) -> bool:
+    """With Hugging Face gradient checkpointing, one training step gives the same loss and gradients.
+
+    Returns:
+        False when the model class does not support gradient checkpointing (nothing checked).
+    """
+    grads = []
+    for checkpointing in (False, True):
+        model = convert(build(fam.name, attn), fam)
+        if checkpointing:
+            if not model.supports_gradient_checkpointing:
+                return False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)
+        loss_of(model(**batch_for(fam, labels=True))).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys(), "checkpointing changed which parameters get gradients"
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=ATOL, rtol=RTOL,
+                                   msg=lambda m, n=n: f"gradient of {n} differs under checkpointing: {m}")
+    return True
+
+
 def check_eval_identical(fam: Family, attn: str) -> None:
     """In eval mode the converted model's outputs equal the unconverted model's bitwise (adapters included)."""
     plain = build(fam.name, attn).eval()

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from .reference import check_eval_identical, check_training_step, result
+from .reference import check_checkpointing, check_eval_identical, check_training_step, result
 from .zoo import BY_NAME, VARIANTS, Family, attn_kinds
 
 
@@ -47,6 +47,13 @@ def test_converted_model_trains_one_step_on_a_padded_batch(name: str, attn: str)
                                                    first_attention_only=True))
 def test_converted_model_in_eval_mode_equals_the_unconverted_one(name: str, attn: str) -> None:
     check_eval_identical(BY_NAME[name], attn)
+
+
+@pytest.mark.parametrize(("name", "attn"), _cases([f for f in VARIANTS if f.expect == "exact"],
+                                                   first_attention_only=True))
+def test_gradient_checkpointing_gives_the_same_gradients(name: str, attn: str) -> None:
+    if not check_checkpointing(BY_NAME[name], attn):
+        pytest.skip(f"{BY_NAME[name].model} does not support gradient checkpointing")
 
 
 def test_sweep_covers_the_issue_families() -> None:
