@@ -13,15 +13,19 @@ from typing import Any
 
 from torch import nn
 
+from .adapters import refusal
+from .alignment import parse_seq_args
 from .deepspeed_config import ConfigSource, RandomLTDConfig, read_deepspeed_config
 from .errors import ConfigError, ConversionError
 from .keys import SEGMENT, rename_keys, strip_key
 from .layer import RandomLayerTokenDrop, ReservedLength
 from .schedule import RandomLTDScheduler
+from .stacks import STACKS, SharedCall, candidates_text, find_layer_stack, find_layer_stacks, kind, shared_calls
 
 __all__ = [
     "convert_to_random_ltd",
     "find_layer_stack",
+    "find_layer_stacks",
     "match_layers",
     "parse_layer_spec",
     "random_ltd_layers",
@@ -52,39 +56,6 @@ def random_ltd_layers(model: nn.Module) -> list[tuple[str, RandomLayerTokenDrop]
 def random_ltd_scheduler(model: nn.Module) -> ReservedLength | None:
     """The scheduler the model's random-LTD layers read (the first one's), or ``None``."""
     return next((w.scheduler for _, w in random_ltd_layers(model) if w.scheduler is not None), None)
-
-
-def find_layer_stack(model: nn.Module) -> tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]:
-    """Find the model's stack of transformer layers: the repeated class in its largest ``nn.ModuleList``.
-
-    Returns:
-        ``(container name, layer class, [(qualified name, layer), ...])``.
-
-    Raises:
-        ConversionError: no ``ModuleList`` (or ``Sequential``) holds two or more layers of one class.
-    """
-    best: tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        children = list(module.named_children())
-        counts = collections.Counter(type(child) for _, child in children)
-        if not counts:
-            continue
-        cls, count = counts.most_common(1)[0]
-        if count < 2 or cls in (nn.ModuleList, nn.Sequential):
-            continue
-        members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls]
-        params = sum(p.numel() for _, c in members for p in c.parameters())
-        rank = (int(isinstance(module, nn.ModuleList)), count, params)
-        if best is None or rank > best[0]:
-            best = (rank, name, cls, members)
-    if best is None:
-        raise ConversionError(
-            "could not find a stack of transformer layers (an nn.ModuleList of repeated layers) in "
-            f"{type(model).__name__}; {_candidates_text(model)}. Pass layer_type= or filter_fn= to choose the layers."
-        )
-    return best[1], best[2], best[3]
 
 
 def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
@@ -180,15 +151,19 @@ def convert_to_random_ltd(
     keep_document_starts: bool = True,
     on_unsupported: str = "error",
     ds_config: ConfigSource | RandomLTDConfig | None = None,
+    stack: str | None = None,
+    seq_args: Mapping[str, str] | None = None,
 ) -> nn.Module:
     """Wrap the chosen layers of ``model`` in :class:`RandomLayerTokenDrop`, in place.
 
     Args:
         model: any ``nn.Module`` (``DataParallel``/``DistributedDataParallel`` are unwrapped).
         layer_type: the layer class (or tuple of classes) to wrap. ``None`` finds the model's
-            stack of transformer layers (the repeated class in its largest ``nn.ModuleList``).
+            stack of transformer layers (the repeated class in its largest ``nn.ModuleList``;
+            the encoder's in an encoder-decoder model, see ``stack``).
         layers: which of the matched layers to wrap: ``"middle"`` (all but the first and the
-            last), ``"all"``, indices (list, range, ``"1-10"``, ``"1,3,5"``).
+            last, of each stack), ``"all"``, indices (list, range, ``"1-10"``, ``"1,3,5"``;
+            with ``stack="both"`` they count the encoder's layers first, then the decoder's).
         filter_fn: ``(module, qualified_name) -> bool`` to restrict (or, without
             ``layer_type``, define) the matched layers.
         scheduler: gives the reserved length (``get_current_seq()``); shared by all layers.
@@ -207,13 +182,20 @@ def convert_to_random_ltd(
             ``layers`` is left at ``"middle"``), ``model_mask_name``, ``hidden_state_order`` and,
             when no ``scheduler`` is given, the schedule (which needs ``train_batch_size``).
             Explicit arguments win. ``total_layer_num`` must equal the number of matched layers.
+        stack: in an encoder-decoder model (T5, BART...), ``"encoder"`` (the default),
+            ``"decoder"`` (self-attention queries and keys are the kept tokens; cross-attention
+            reads every encoder token) or ``"both"``.
+        seq_args: how the layers' own arguments line up with the sequence, e.g.
+            ``{"my_bias": "b h q k"}`` (see :class:`RandomLayerTokenDrop`).
 
     Returns:
         ``model`` itself, converted.
 
     Raises:
         ConversionError: no layer matches, an index is out of range, a layer has no
-            hidden-state argument, or the model is already converted. The model is unchanged.
+            hidden-state argument, a chosen layer cannot drop tokens exactly (e.g. Swin's
+            windowed layers; the message names them and the compatible indices), or the model
+            is already converted. The model is unchanged.
         ConfigError: a setting that cannot work.
     """
     root = unwrap_parallel(model)
@@ -224,16 +206,30 @@ def convert_to_random_ltd(
             f"{type(root).__name__} is already converted ({len(existing)} random-LTD layers: {names}"
             f"{', ...' if len(existing) > 4 else ''}); call revert_random_ltd(model) first to convert it again."
         )
-    candidates = match_layers(root, layer_type, filter_fn)
+    user_args = parse_seq_args(seq_args)
+    groups, shared = _candidate_groups(root, layer_type, filter_fn, stack)
+    candidates = [c for group in groups for c in group]
     if ds_config is not None:
         cfg = ds_config if isinstance(ds_config, RandomLTDConfig) else read_deepspeed_config(ds_config)
         layers, mask_names, batch_first, scheduler = _apply_deepspeed(
             cfg, len(candidates), layers, mask_names, batch_first, scheduler
         )
-    chosen = select_layers(candidates, layers)
-    wrappers: list[tuple[str, RandomLayerTokenDrop]] = []
-    for layer_id, i in enumerate(chosen):
-        name, layer = candidates[i]
+    refused = {i: reason for i, (_, layer) in enumerate(candidates) if (reason := refusal(layer)) is not None}
+    if refused and len(refused) == len(candidates):
+        _, first = candidates[0]
+        raise ConversionError(
+            f"random-LTD cannot drop tokens in {type(first).__name__} exactly: {next(iter(refused.values()))}. "
+            f"The model is unchanged; train {type(root).__name__} without random-LTD."
+        )
+    chosen = _select(groups, layers)
+    _check_refused(candidates, chosen, refused)
+    plans: dict[str, tuple[nn.Module, list[int], SharedCall | None]] = {}
+    for i in chosen:  # a shared layer (ALBERT) is wrapped once, dropping in its chosen calls
+        label, layer = candidates[i]
+        call = shared.get(label)
+        plans.setdefault(call.name if call else label, (layer, [], call))[1].append(call.call if call else 0)
+    wrappers: list[tuple[str, RandomLayerTokenDrop, SharedCall | None]] = []
+    for layer_id, (name, (layer, calls, call)) in enumerate(plans.items()):
         bf = batch_first if batch_first is not None else _layer_batch_first(layer)
         try:
             wrapper = RandomLayerTokenDrop(
@@ -241,13 +237,31 @@ def convert_to_random_ltd(
                 hidden_name=hidden_name, mask_names=mask_names, keep_prefix=keep_prefix,
                 keep_document_starts=keep_document_starts, seed=seed, layer_id=layer_id,
                 on_unsupported=on_unsupported,  # type: ignore[arg-type]
+                seq_args=user_args,
+                calls=calls if call else None, calls_per_forward=call.calls_per_forward if call else None,
             )
         except (ConversionError, ConfigError) as exc:
             raise type(exc)(f"cannot wrap {name!r}: {exc}") from None
-        wrappers.append((name, wrapper))
-    for name, wrapper in wrappers:  # every check passed: now mutate
+        wrappers.append((name, wrapper, call))
+    for name, wrapper, _ in wrappers:  # every check passed: now mutate
         _set_submodule(root, name, wrapper)
+    _count_shared_calls(root, [(w, c) for _, w, c in wrappers if c is not None])
     return model
+
+
+def _count_shared_calls(root: nn.Module, shared: list[tuple[RandomLayerTokenDrop, SharedCall]]) -> None:
+    """Each forward of the module that runs a shared layer's calls restarts the wrappers' call count."""
+    owners: dict[str, list[RandomLayerTokenDrop]] = {}
+    for wrapper, call in shared:
+        owners.setdefault(call.owner, []).append(wrapper)
+    for owner, members in owners.items():
+        def reset(*_: Any, _members: list[RandomLayerTokenDrop] = members) -> None:
+            for w in _members:
+                w.reset_calls()
+
+        handle = root.get_submodule(owner).register_forward_pre_hook(reset)
+        for w in members:
+            w.__dict__["_reset_hook"] = handle
 
 
 def revert_random_ltd(model: nn.Module) -> nn.Module:
@@ -257,6 +271,9 @@ def revert_random_ltd(model: nn.Module) -> nn.Module:
     """
     root = unwrap_parallel(model)
     for name, wrapper in random_ltd_layers(root):
+        hook = wrapper.__dict__.pop("_reset_hook", None)
+        if hook is not None:
+            hook.remove()
         inner = wrapper.random_ltd_layer
         if name:
             _set_submodule(root, name, inner)
@@ -319,6 +336,61 @@ def _apply_deepspeed(
     return layers, mask_names, batch_first, scheduler
 
 
+def _candidate_groups(
+    root: nn.Module,
+    layer_type: type[nn.Module] | tuple[type[nn.Module], ...] | None,
+    filter_fn: FilterFn | None,
+    stack: str | None,
+) -> tuple[list[list[tuple[str, nn.Module]]], dict[str, SharedCall]]:
+    """The candidate layers, one list per stack (several only with ``stack="both"``), and for a model
+    that shares layers between calls (ALBERT) one candidate per call with its :class:`SharedCall`."""
+    if layer_type is None and filter_fn is None:
+        try:
+            return [members for _, _, members in find_layer_stacks(root, stack)], {}
+        except ConversionError:
+            found = shared_calls(root) if stack is None else None
+            if found is None:
+                raise
+            return [found[0]], found[1]
+    matched = match_layers(root, layer_type, filter_fn)
+    if stack is None:
+        return [matched], {}
+    if stack not in STACKS:
+        raise ConfigError(f"stack={stack!r} must be 'encoder', 'decoder' or 'both' (or None for the default).")
+    wanted = ("encoder", "decoder") if stack == "both" else (stack,)
+    groups = [[(n, m) for n, m in matched if kind(n) == k] for k in wanted]
+    groups = [g for g in groups if g]
+    if not groups:
+        raise ConversionError(f"stack={stack!r}: none of the matched layers is under an {stack} path.")
+    return groups, {}
+
+
+def _select(groups: list[list[tuple[str, nn.Module]]], layers: LayerSpec) -> list[int]:
+    """Indices among the concatenated groups; ``"middle"`` is the middle of each group."""
+    if len(groups) == 1 or parse_layer_spec(layers) != "middle":
+        return select_layers([c for g in groups for c in g], layers)
+    chosen: list[int] = []
+    offset = 0
+    for group in groups:
+        chosen.extend(offset + i for i in select_layers(group, layers))
+        offset += len(group)
+    return chosen
+
+
+def _check_refused(candidates: list[tuple[str, nn.Module]], chosen: list[int], refused: dict[int, str]) -> None:
+    bad = [i for i in chosen if i in refused]
+    if not bad:
+        return
+    names = ", ".join(f"{i} ({candidates[i][0]})" for i in bad[:6]) + (", ..." if len(bad) > 6 else "")
+    fine = [i for i in chosen if i not in refused]
+    remedy = (f"wrap only the compatible ones, e.g. layers={fine}" if fine
+              else "choose other layers with layers= or filter_fn=")
+    raise ConversionError(
+        f"random-LTD cannot drop tokens exactly in layers {names} of {type(candidates[bad[0]][1]).__name__}: "
+        f"{refused[bad[0]]}. The model is unchanged; {remedy}."
+    )
+
+
 def match_layers(
     root: nn.Module,
     layer_type: type[nn.Module] | tuple[type[nn.Module], ...] | None,
@@ -348,7 +420,7 @@ def match_layers(
         what = f"layer_type={_type_names(layer_type)}" if layer_type is not None else "filter_fn"
         if layer_type is not None and filter_fn is not None:
             what += " and filter_fn"
-        raise ConversionError(f"no layer of {type(root).__name__} matches {what}; {_candidates_text(root)}.")
+        raise ConversionError(f"no layer of {type(root).__name__} matches {what}; {candidates_text(root)}.")
     return matched
 
 
@@ -364,16 +436,6 @@ def _layer_batch_first(layer: nn.Module) -> bool:
 def _type_names(layer_type: Any) -> str:
     types = layer_type if isinstance(layer_type, tuple) else (layer_type,)
     return ", ".join(t.__name__ for t in types)
-
-
-def _candidates_text(model: nn.Module) -> str:
-    counts = collections.Counter(
-        type(m).__name__ for m in model.modules() if not isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
-    )
-    repeated = [(n, c) for n, c in counts.most_common() if c >= 2][:8]
-    if not repeated:
-        return "the model has no repeated module classes"
-    return "candidate classes found: " + ", ".join(f"{n} x{c}" for n, c in repeated)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

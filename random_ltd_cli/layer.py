@@ -4,13 +4,20 @@ In training, with a reserved length ``r`` below the sequence length ``S``, the w
 
 1. draws ``r`` sorted positions per sample (:mod:`random_ltd_cli.sampling`);
 2. gathers the hidden states ``[B,S,H] -> [B,r,H]`` (or ``[S,B,H] -> [r,B,H]``) and every
-   sequence-aligned argument with the same indices: attention masks, ``position_ids``,
-   rotary ``position_embeddings`` (:mod:`random_ltd_cli.tokens`); a key/value cache is
-   passed as ``None`` and ``use_cache=False``;
+   sequence-aligned argument with the same indices, as its alignment says
+   (:mod:`random_ltd_cli.alignment`: attention masks, ``position_ids``, rotary
+   ``position_embeddings``, alibi and relative-position biases, cross-attention masks, and
+   the user's ``seq_args``); a key/value cache is passed as ``None`` and ``use_cache=False``;
+   a tensor argument of unknown alignment with an axis of length ``S`` is an error;
 3. calls the wrapped layer, with its arguments in the shape they came (positional stays
    positional, keyword stays keyword);
 4. scatters element 0 of the output back into a copy of the input; the other
-   ``S - r`` tokens leave the layer exactly as they entered it.
+   ``S - r`` tokens leave the layer exactly as they entered it. Other output elements that
+   are gathered arguments (T5 hands its ``position_bias`` to the next layer this way) come
+   back as the full-length originals.
+
+Families whose layers derive positions or windows from the length they see get an adapter
+(:mod:`random_ltd_cli.adapters`).
 
 Otherwise (eval mode, no reserved length, ``r >= S``) it calls the wrapped layer with the
 very same arguments, so the output is bitwise identical to the unwrapped layer's.
@@ -19,18 +26,20 @@ very same arguments, so the output is bitwise identical to the unwrapped layer's
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from . import compiled
+from .adapters import LayerAdapter, find_adapter
+from .alignment import Alignment, parse_seq_args, resolve_alignments, unknown_argument
 from .errors import ConfigError, ConversionError, InputError
 from .keys import SEGMENT
-from .recorders import call_unrecorded, replay_recorders
-from .sampling import TokenSampler
-from .tokens import TokenRoute, flat_index, gather_mask, gather_position_embeddings, gather_position_ids
+from .recorders import SubmoduleRecords, call_unrecorded, replay_recorders
+from .sampling import TokenSampler, _in_backward
+from .tokens import TokenRoute, flat_index
 
 __all__ = ["HIDDEN_NAMES", "MASK_NAMES", "RandomLayerTokenDrop"]
 
@@ -39,7 +48,6 @@ MASK_NAMES = (
     "attention_mask", "attn_mask", "mask", "src_mask", "src_key_padding_mask", "key_padding_mask", "padding_mask"
 )
 POSITION_ID_NAMES = ("position_ids",)
-POSITION_EMBEDDING_NAMES = ("position_embeddings",)
 CACHE_NAMES = ("past_key_value", "past_key_values", "cache", "layer_past")
 # Keyword arguments that describe packed (varlen) flash-attention batches: their boundaries
 # are in token counts, which dropping would invalidate.
@@ -100,8 +108,13 @@ class RandomLayerTokenDrop(nn.Module):
         batch_first: layout of the hidden states.
         hidden_name: the forward parameter holding the hidden states (default: found by name,
             else the first parameter).
-        mask_names: forward parameters holding attention masks (default: the usual names in
-            the signature, e.g. ``attention_mask``).
+        mask_names: forward parameters holding attention masks (default: the usual names,
+            e.g. ``attention_mask``).
+        seq_args: how the layer's own arguments line up with the sequence, by name, e.g.
+            ``{"my_bias": "b h q k", "my_ids": "b s", "enc_mask": "b h q _", "scale": "none"}``
+            (one letter per axis: ``b`` batch, ``q``/``k`` query/key tokens, ``s`` tokens,
+            anything else an axis left alone; ``"mask"``; ``"none"`` for not per token). They
+            override the built-in alignments (see :mod:`random_ltd_cli.alignment`).
         keep_prefix: always keep the first ``k`` tokens (e.g. ``[CLS]``).
         keep_document_starts: when ``position_ids`` are passed, always keep tokens whose
             position is 0 (the start of each packed document; for an unpacked sequence, its
@@ -110,9 +123,15 @@ class RandomLayerTokenDrop(nn.Module):
             :class:`~random_ltd_cli.sampling.TokenSampler`).
         generator: a private ``torch.Generator`` to sample from (overrides ``seed``).
         layer_id: index of this layer among the wrapped ones (mixed into ``seed``).
+        calls: for a layer that one model forward calls several times (ALBERT's shared layer),
+            which of its calls drop tokens (0-based, e.g. ``range(1, 11)`` of 12); the other
+            calls run on all tokens. Needs ``calls_per_forward``.
+        calls_per_forward: how many times one model forward calls the layer; the count starts
+            again after that many calls (and whenever :meth:`reset_calls` is called).
         on_unsupported: ``"error"`` (default) raises :class:`InputError` on an argument that
-            cannot be gathered (e.g. a flex-attention ``BlockMask``); ``"passthrough"`` runs
-            that call on all tokens instead.
+            cannot be gathered (e.g. a flex-attention ``BlockMask``, or a tensor of unknown
+            alignment with an axis of length ``S``); ``"passthrough"`` runs that call on all
+            tokens instead.
 
     Raises:
         ConfigError: a setting that cannot work (``reserved_length <= 0``, a mask name the
@@ -136,8 +155,13 @@ class RandomLayerTokenDrop(nn.Module):
         generator: torch.Generator | None = None,
         layer_id: int = 0,
         on_unsupported: Literal["error", "passthrough"] = "error",
+        seq_args: Mapping[str, str | Alignment] | None = None,
+        calls: Iterable[int] | None = None,
+        calls_per_forward: int | None = None,
     ) -> None:
         plan = _plan_arguments(layer, hidden_name, mask_names)
+        user_args = parse_seq_args(seq_args)
+        call_set = _check_calls(calls, calls_per_forward)
         _check_settings(reserved_length, keep_prefix, on_unsupported)
         super().__init__()
         self.random_ltd_layer = layer
@@ -152,7 +176,39 @@ class RandomLayerTokenDrop(nn.Module):
         compiled.prepare_scheduler(scheduler)
         self.last_indices: torch.Tensor | None = None  # [B, r] of the latest dropping call, for inspection
         self._positional_names, self._hidden_name, self._mask_names, self._accepts_kwargs, self._params = plan
+        self._user_args = user_args
+        self._adapter = find_adapter(layer)
+        self._alignments = self._resolve(mask_names is not None)
+        self._records = SubmoduleRecords(layer)
+        self._calls, self._period, self._count = call_set, int(calls_per_forward or 0), 0
         self.register_load_state_dict_pre_hook(_accept_plain_keys)
+
+    @property
+    def calls(self) -> frozenset[int] | None:
+        """For a shared layer, the calls (per model forward) that drop tokens; ``None`` otherwise."""
+        return self._calls
+
+    def reset_calls(self) -> None:
+        """Start counting the calls of a shared layer again (a new model forward begins)."""
+        self._count = 0
+
+    def _this_call_drops(self) -> bool:
+        if _in_backward():
+            raise InputError(
+                "a shared layer wrapped with calls= was recomputed by activation checkpointing; random-LTD cannot "
+                "tell which of its calls the recompute repeats. Train it without activation checkpointing."
+            )
+        call, self._count = self._count % self._period, self._count + 1
+        return call in self._calls  # type: ignore[operator]
+
+    def _resolve(self, explicit_masks: bool) -> dict[str, Alignment]:
+        family = self._adapter.alignments() if self._adapter is not None else {}
+        return resolve_alignments(self._mask_names if explicit_masks else None, {**family, **self._user_args})
+
+    @property
+    def seq_args(self) -> dict[str, str]:
+        """The alignment of every argument name this layer knows (built-in, family and user), as text."""
+        return {n: a.text for n, a in self._alignments.items()}
 
     # -- configuration -------------------------------------------------------------------
 
@@ -170,7 +226,8 @@ class RandomLayerTokenDrop(nn.Module):
                     f"{type(self.random_ltd_layer).__name__}.forward; set it to one of {sorted(self._params)}."
                 )
             masks = (cfg.model_mask_name,)
-        self._mask_names = masks
+            self._mask_names = masks
+            self._alignments = self._resolve(True)
         if cfg.batch_first is not None:
             self.batch_first = cfg.batch_first
         self.scheduler = scheduler
@@ -217,6 +274,8 @@ class RandomLayerTokenDrop(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.random_ltd_layer
+        if self._calls is not None and not self._this_call_drops():
+            return layer(*args, **kwargs)
         keep = self.current_reserved_length() if self.training else None
         if keep is None:
             return layer(*args, **kwargs)
@@ -225,10 +284,17 @@ class RandomLayerTokenDrop(nn.Module):
         batch, seq_len = self._shape(hidden)
         if keep >= seq_len:
             return layer(*args, **kwargs)
+        adapter = self._adapter
         try:
+            if adapter is not None:
+                adapter.prepare(call, hidden, seq_len)
             priority = self._priority(call, batch, seq_len, keep, hidden.device)
-            idx = self.sampler(hidden, batch, seq_len, keep, priority)  # (B, r) sorted
-            self._gather_arguments(call, idx, seq_len)
+            if adapter is not None and adapter.shared_indices:  # one draw for the batch (no batch axis)
+                shared = priority if priority is None else priority.any(0, keepdim=True)
+                idx = self.sampler(hidden, 1, seq_len, keep, shared).expand(batch, keep)
+            else:
+                idx = self.sampler(hidden, batch, seq_len, keep, priority)  # (B, r) sorted
+            swaps = self._gather_arguments(call, idx, batch, seq_len)
         except InputError:
             if self.on_unsupported == "passthrough":
                 return layer(*args, **kwargs)
@@ -237,10 +303,15 @@ class RandomLayerTokenDrop(nn.Module):
             self.last_indices = idx
         route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), keep, self.batch_first)
         call.set(self._hidden_name, route.split())
-        out = call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
+        with self._records.hold(route.flat, batch * seq_len) as records:  # router logits & co. come back full length
+            if adapter is None:
+                out = call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
+            else:
+                out = _call_adapted(layer, adapter, call, idx, seq_len)
         if torch.compiler.is_compiling():
             compiled.warn_if_static(self, keep)  # at compile time: did r stay a symbol?
-        out = self._merge_output(route, out)
+        records.replay()
+        out = self._merge_output(route, out, swaps)
         return replay_recorders(layer, args, kwargs, out)
 
     def _shape(self, hidden: Any) -> tuple[int, int]:
@@ -279,40 +350,85 @@ class RandomLayerTokenDrop(nn.Module):
             raise InputError(f"position_ids batch size {priority.shape[0]} does not match the hidden states' {batch}.")
         return priority
 
-    def _gather_arguments(self, call: _Arguments, idx: torch.Tensor, seq_len: int) -> None:
-        for name in PACKED_NAMES:
-            if call.get(name) is not None:
+    def _gather_arguments(
+        self, call: _Arguments, idx: torch.Tensor, batch: int, seq_len: int
+    ) -> list[tuple[Any, Any]]:
+        """Gather every argument of the call by its alignment; returns ``(gathered, original)`` pairs."""
+        swaps: list[tuple[Any, Any]] = []
+        names = [*self._positional_names[: len(call.args)], *call.kwargs]
+        for name in names:
+            if name == self._hidden_name:
+                continue
+            value = call.get(name)
+            if value is None or isinstance(value, (bool, int, float, str)):
+                continue
+            if name in CACHE_NAMES:
+                call.set(name, None)
+                continue
+            if name in PACKED_NAMES:
                 raise InputError(
                     f"the layer was called with {name!r} (packed flash-attention batch); random-LTD cannot drop "
                     "tokens of packed varlen batches. Pad the batch instead, or use on_unsupported='passthrough'."
                 )
-        for name in self._mask_names:
-            if call.has(name):
-                call.set(name, gather_mask(call.get(name), idx, seq_len, name))
-        for name in POSITION_ID_NAMES:
-            if call.has(name):
-                call.set(name, gather_position_ids(call.get(name), idx, seq_len, name))
-        for name in POSITION_EMBEDDING_NAMES:
-            if call.has(name):
-                call.set(name, gather_position_embeddings(call.get(name), idx, seq_len, name))
-        for name in CACHE_NAMES:
-            if call.has(name):
-                call.set(name, None)
+            align = self._alignments.get(name)
+            if align is None:
+                error = unknown_argument(name, value, batch, seq_len, type(self.random_ltd_layer).__name__)
+                if error is not None:
+                    raise error
+                continue
+            gathered = align.gather(value, idx, seq_len, name)
+            if gathered is not value:
+                call.set(name, gathered)
+                swaps.append((gathered, value))
         if call.has("use_cache") or "use_cache" in self._params:
             call.set("use_cache", False)
+        return swaps
 
-    def _merge_output(self, route: TokenRoute, out: Any) -> Any:
+    def _merge_output(self, route: TokenRoute, out: Any, swaps: list[tuple[Any, Any]]) -> Any:
         if isinstance(out, torch.Tensor):
             return route.merge(out)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             first = route.merge(out[0])
+            rest = [_restore(o, swaps) for o in out[1:]] if swaps else list(out[1:])
             if hasattr(out, "_fields"):  # namedtuple
-                return out._replace(**{out._fields[0]: first})  # type: ignore[union-attr]
-            return type(out)([first, *out[1:]])
+                return type(out)(first, *rest)
+            return type(out)([first, *rest])
         raise InputError(
             f"the wrapped {type(self.random_ltd_layer).__name__} returned {type(out).__name__}; random-LTD needs a "
             "tensor or a tuple whose element 0 is the hidden states."
         )
+
+
+def _call_adapted(layer: nn.Module, adapter: LayerAdapter, call: _Arguments, idx: torch.Tensor, seq_len: int) -> Any:
+    """The inner call inside the adapter's context. A Hugging Face layer with gradient checkpointing on would
+    recompute its forward in the backward pass outside that context (silently other values), so the
+    wrapper checkpoints the whole adapted call itself and switches the layer's own checkpointing off."""
+
+    own = adapter.has_context and layer.__dict__.get("gradient_checkpointing") and torch.is_grad_enabled()
+
+    def run(*_: Any) -> Any:
+        if own:
+            layer.__dict__["gradient_checkpointing"] = False
+        try:
+            with adapter.around(idx, seq_len):
+                return call_unrecorded(layer, call.args, call.kwargs)
+        finally:
+            if own:
+                layer.__dict__["gradient_checkpointing"] = True
+
+    if own:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(run, *[a for a in call.args if isinstance(a, torch.Tensor)], use_reentrant=False)
+    return run()
+
+
+def _restore(value: Any, swaps: list[tuple[Any, Any]]) -> Any:
+    """The full-length original of an output element that is a gathered argument (else the element)."""
+    for gathered, original in swaps:
+        if value is gathered:
+            return original
+    return value
 
 
 def _plan_arguments(
@@ -357,6 +473,18 @@ def _plan_arguments(
                 f"({_signature_text(params)}); set the mask name (DeepSpeed: model_mask_name) to one of {named}."
             )
     return positional, hidden_name, masks, accepts_kwargs, frozenset(named)
+
+
+def _check_calls(calls: Iterable[int] | None, per_forward: int | None) -> frozenset[int] | None:
+    if calls is None and per_forward is None:
+        return None
+    if calls is None or per_forward is None or int(per_forward) <= 0:
+        raise ConfigError("calls= and calls_per_forward= go together (calls_per_forward a positive count).")
+    out = frozenset(int(c) for c in calls)
+    bad = sorted(c for c in out if not 0 <= c < int(per_forward))
+    if bad:
+        raise ConfigError(f"calls={sorted(out)}: call {bad[0]} is outside 0..{int(per_forward) - 1}.")
+    return out
 
 
 def _check_settings(reserved_length: int | None, keep_prefix: int, on_unsupported: str) -> None:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["call_unrecorded", "replay_recorders"]
+__all__ = ["SubmoduleRecords", "call_unrecorded", "dropped_rows", "replay_recorders"]
 
 def _capture_wrapper(layer: Any) -> Callable[..., Any] | None:
     """The transformers 4.5x capture wrapper installed on ``layer.forward``, if any.
@@ -84,3 +84,81 @@ def _holds(cell: Any, value: Any) -> bool:
         return cell.cell_contents is value
     except ValueError:  # an empty cell
         return False
+
+
+class SubmoduleRecords:
+    """Recorders on modules *inside* a wrapped layer (transformers' router-logit recorders on a MoE
+    router) would see ``B*r`` token rows while unwrapped layers report ``B*S``. During a dropping
+    call their hooks are held back; afterwards they get the outputs with every token-row tensor
+    scattered back to ``B*S`` rows. Dropped tokens were not routed in this layer: their rows are
+    filled by :func:`dropped_rows`.
+
+    ``with records.hold(flat, total):`` around the call (``flat``: the kept rows among ``total``
+    token rows), then ``records.replay()``.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        self._inner = [m for m in layer.modules() if m is not layer]
+        self._held: list[tuple[Any, OrderedDict[int, Any], list[tuple[Any, Any]]]] = []
+        self._flat: Any = None
+        self._total = 0
+
+    def hold(self, flat: Any, total: int) -> SubmoduleRecords:
+        self._flat, self._total = flat, total
+        return self
+
+    def __enter__(self) -> SubmoduleRecords:
+        self._held = []
+        for module in self._inner:
+            hooks = module._forward_hooks
+            if not hooks or not any(_is_capture_hook(h) for h in hooks.values()):
+                continue
+            calls: list[tuple[Any, Any]] = []
+            module._forward_hooks = OrderedDict((k, h) for k, h in hooks.items() if not _is_capture_hook(h))
+            module.register_forward_hook(lambda _m, a, o, _calls=calls: _calls.append((a, o)))  # gone on exit
+            self._held.append((module, hooks, calls))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, hooks, _ in self._held:
+            module._forward_hooks = hooks
+
+    def replay(self) -> None:
+        """Run the held-back capture hooks with full-length outputs (after the layer call)."""
+        held, self._held = self._held, []
+        for module, hooks, calls in held:
+            for args, out in calls:
+                full = _full_rows(out, self._flat, self._total)
+                for hook in list(hooks.values()):
+                    if _is_capture_hook(hook):
+                        hook(module, args, full)
+
+
+def _is_capture_hook(hook: Any) -> bool:
+    return getattr(hook, "__name__", "") == "output_capturing_hook"
+
+
+def dropped_rows(rows: int, width: int, like: Any) -> Any:
+    """Router logits recorded for dropped tokens: ``-0.01 * ((e - n) mod E)`` for row ``n``, expert ``e``.
+
+    Near-uniform probabilities: a constant share of the load-balancing statistics that carries no
+    gradient; their top-k choices rotate over the experts row by row, so they count evenly for
+    every expert rather than for the first ``k``.
+    """
+    import torch
+
+    n = torch.arange(rows, device=like.device)[:, None]
+    e = torch.arange(width, device=like.device)[None, :]
+    return (torch.remainder(e - n, width) * -0.01).to(like.dtype)
+
+
+def _full_rows(out: Any, flat: Any, total: int) -> Any:
+    import torch
+
+    if isinstance(out, (tuple, list)):
+        return type(out)(_full_rows(o, flat, total) for o in out)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() != 2:
+        return out
+    if out.shape[0] != flat.numel():
+        return out
+    return dropped_rows(total, out.shape[1], out).index_copy(0, flat, out)

@@ -130,18 +130,29 @@ def load_weights_strict(model: Any, state: dict[str, Any], source: str) -> None:
 
 
 def _convert(
-    model: Any, target: str, layer_type: str | None, layers: str, cfg: Any, scheduler: Any
+    model: Any, target: str, layer_type: str | None, layers: str, cfg: Any, scheduler: Any,
+    seq_args: dict[str, str] | None = None, stack: str | None = None,
 ) -> ModelReport:
     """Convert ``model`` in place with the library's own selection and report its layer stack."""
-    from .convert import convert_to_random_ltd, match_layers, random_ltd_layers, unwrap_parallel
+    from .convert import _candidate_groups, convert_to_random_ltd, random_ltd_layers, unwrap_parallel
 
     root = unwrap_parallel(model)
     cls = _layer_type(layer_type)
-    candidates = match_layers(root, cls, None)  # before wrapping: the names stay the same
+    groups, shared = _candidate_groups(root, cls, None, stack)
+    candidates = [c for g in groups for c in g]  # names before wrapping
     parameter_count = sum(p.numel() for p in root.parameters())
-    convert_to_random_ltd(model, cls, layers=layers, ds_config=cfg, scheduler=scheduler)
-    wrapped = {name for name, _ in random_ltd_layers(model)}
-    rows = [LayerRow(i, n, type(m).__name__, n in wrapped) for i, (n, m) in enumerate(candidates)]
+    convert_to_random_ltd(model, cls, layers=layers, ds_config=cfg, scheduler=scheduler, seq_args=seq_args,
+                          stack=stack)
+    wrappers = dict(random_ltd_layers(model))
+
+    def is_wrapped(label: str) -> bool:  # a shared layer (ALBERT) drops in some of its calls only
+        call = shared.get(label)
+        if call is None:
+            return label in wrappers
+        w = wrappers.get(call.name)
+        return w is not None and call.call in (w.calls or ())
+
+    rows = [LayerRow(i, n, type(m).__name__, is_wrapped(n)) for i, (n, m) in enumerate(candidates)]
     return ModelReport(
         format="model",
         target=target,
@@ -226,6 +237,8 @@ def describe_target(
     require_steps: int | None = None,
     seq_per_step: int | None = None,
     batch_size: int | None = None,
+    seq_args: dict[str, str] | None = None,
+    stack: str | None = None,
 ) -> ModelReport:
     """The layer stack of the model ``target`` names, what would be wrapped, and a schedule's saving.
 
@@ -242,7 +255,7 @@ def describe_target(
     opts = ScheduleOptions(steps, seq_len, min_value, require_steps, seq_per_step, batch_size)
     cfg = _read_ds(ds_config, opts)
     model = _build_shapes_only(target, init)
-    report = _convert(model, target, layer_type, layers, cfg, None)  # built for this report only
+    report = _convert(model, target, layer_type, layers, cfg, None, seq_args, stack)  # built for this report only
     sched, source = _schedule(model, report, cfg, opts)
     if sched is None:
         return report
@@ -281,6 +294,8 @@ def convert_target(
     trust_pickle: bool = False,
     force: bool = False,
     schedule: ScheduleOptions | None = None,
+    seq_args: dict[str, str] | None = None,
+    stack: str | None = None,
 ) -> ConvertResult:
     """Build ``target``, load ``weights`` strictly, convert, and (unless ``dry_run``) save to ``output``.
 
@@ -305,7 +320,7 @@ def convert_target(
         from .checkpoint import load_state_dict
 
         load_weights_strict(model, load_state_dict(weights, trust_pickle=trust_pickle), str(weights))
-    report = _convert(model, target, layer_type, layers, cfg, None)
+    report = _convert(model, target, layer_type, layers, cfg, None, seq_args, stack)
     sched, _ = _schedule(model, report, cfg, opts)
     state, tied = untied(model.state_dict())
     settings = {
@@ -317,6 +332,8 @@ def convert_target(
         "total_layer_num": len(report.layers),
         "schedule": sched.settings() if sched is not None else None,
         "tied_weights": tied,
+        "seq_args": seq_args or {},
+        "stack": stack,
     }
     result = ConvertResult(**{**asdict(report), "layers": report.layers}, dry_run=dry_run,
                            weights=str(weights) if weights is not None else None, settings=settings)

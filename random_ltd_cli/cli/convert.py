@@ -29,6 +29,16 @@ DsConfigOption = Annotated[
     typer.Option("--ds-config", help="DeepSpeed JSON config whose random_ltd block gives layer ids and schedule.",
                  metavar="PATH"),
 ]
+SeqArgOption = Annotated[
+    list[str] | None,
+    typer.Option("--seq-arg", help="How a layer argument lines up with the tokens, e.g. my_bias='b h q k' "
+                 "(b batch, q/k query/key tokens, s tokens, others left alone; or mask, none). Repeatable.",
+                 metavar="NAME=AXES"),
+]
+StackOption = Annotated[
+    str | None,
+    typer.Option("--stack", help="Encoder-decoder models: encoder (default), decoder or both.", metavar="STACK"),
+]
 TrustPickleOption = Annotated[
     bool,
     typer.Option("--trust-pickle", help="Allow torch pickles that need arbitrary code (only for files you trust)."),
@@ -92,6 +102,8 @@ def convert(
     dry_run: DryRunOption = False,
     as_json: JsonOption = False,
     trust_pickle: TrustPickleOption = False,
+    seq_arg: SeqArgOption = None,
+    stack: StackOption = None,
 ) -> None:
     """Convert a model to random-LTD and save its weights under converted names, with the settings recorded.
 
@@ -114,6 +126,7 @@ def convert(
             target, output=output, init=parse_init(init), weights=weights, layer_type=layer_type, layers=layers,
             ds_config=str(ds_config) if ds_config else None, dry_run=dry_run, trust_pickle=trust_pickle,
             force=force, schedule=ScheduleOptions(steps, seq_len, min_value, require_steps, seq_per_step, batch_size),
+            seq_args=parse_seq_arg_options(seq_arg), stack=stack,
         )
     if as_json:
         print_json(_json(result))
@@ -127,6 +140,21 @@ def convert(
         note(f"wrote {result.output} ({result.output_format}; settings in its metadata under 'random_ltd').")
     else:
         note("nothing written: pass -o OUT to save the converted state dict.")
+
+
+def parse_seq_arg_options(values: list[str] | None) -> dict[str, str] | None:
+    """``["my_bias=b h q k"]`` -> ``{"my_bias": "b h q k"}`` (the axes are checked by the library)."""
+    from ..errors import ConfigError
+
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for text in values:
+        name, sep, axes = text.partition("=")
+        if not sep or not name.strip() or not axes.strip():
+            raise ConfigError(f"--seq-arg {text!r} must read NAME=AXES, e.g. --seq-arg my_bias='b h q k'.")
+        out[name.strip()] = axes.strip()
+    return out
 
 
 def _json(result: Any) -> dict[str, Any]:

@@ -21,9 +21,12 @@ from .convert import (
     MinValueOption,
     RequireStepsOption,
     ScheduleSteps,
+    SeqArgOption,
     SeqLenOption,
     SeqPerStepOption,
+    StackOption,
     TrustPickleOption,
+    parse_seq_arg_options,
 )
 
 
@@ -46,6 +49,8 @@ def inspect(
     seq_per_step: SeqPerStepOption = None,
     batch_size: BatchSizeOption = None,
     trust_pickle: TrustPickleOption = False,
+    seq_arg: SeqArgOption = None,
+    stack: StackOption = None,
 ) -> None:
     """Show a checkpoint's format, tensors and wrapped layers, or a model's layer stack and the saving of a schedule.
 
@@ -63,7 +68,8 @@ def inspect(
         elif not Path(target).exists() and is_import_path(target):
             _show_model(target, as_json, init=init, layer_type=layer_type, layers=layers, ds_config=ds_config,
                         steps=steps, seq_len=seq_len, min_value=min_value, require_steps=require_steps,
-                        seq_per_step=seq_per_step, batch_size=batch_size)
+                        seq_per_step=seq_per_step, batch_size=batch_size,
+                        seq_args=parse_seq_arg_options(seq_arg), stack=stack)
         elif Path(target).exists():
             _show_checkpoint(Path(target), as_json, trust_pickle)
         else:

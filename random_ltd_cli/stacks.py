@@ -1,0 +1,167 @@
+"""Finding a model's transformer layers: repeated-layer stacks, encoder/decoder stacks, shared layers.
+
+Nothing here changes the model; :mod:`random_ltd_cli.convert` wraps what these functions find.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import ConfigError, ConversionError
+
+__all__ = ["STACKS", "SharedCall", "candidates_text", "find_layer_stack", "find_layer_stacks", "kind", "shared_calls"]
+
+STACKS = ("encoder", "decoder", "both")
+
+
+def _stacks(model: nn.Module) -> list[tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]]:
+    """Every ``ModuleList``/``Sequential`` holding two or more layers of one class, with a rank."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(module.named_children())
+        counts = collections.Counter(type(child) for _, child in children)
+        if not counts:
+            continue
+        cls, count = counts.most_common(1)[0]
+        if count < 2 or cls in (nn.ModuleList, nn.Sequential):
+            continue
+        members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls]
+        params = sum(p.numel() for _, c in members for p in c.parameters())
+        found.append(((int(isinstance(module, nn.ModuleList)), count, params), name, cls, members))
+    return found
+
+
+def kind(name: str) -> str | None:
+    """``"decoder"``/``"encoder"`` when a segment of the stack's path says so (``model.decoder.layers``)."""
+    segments = name.lower().split(".")
+    if any("decoder" in s for s in segments):
+        return "decoder"
+    if any("encoder" in s for s in segments):
+        return "encoder"
+    return None
+
+
+Stack = tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]
+
+
+def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]:
+    """The model's stack(s) of transformer layers, each ``(container name, layer class, members)``.
+
+    Without ``stack``: the repeated class in the largest ``nn.ModuleList``; in an encoder-decoder
+    model (stacks under an ``encoder`` and a ``decoder`` path) the encoder's, as in the random-LTD
+    paper, which drops tokens in the layers that read the input. ``stack="encoder"``,
+    ``"decoder"`` or ``"both"`` chooses explicitly (``"both"``: the encoder's, then the decoder's).
+
+    Raises:
+        ConversionError: no stack, or no stack of the kind asked for.
+        ConfigError: ``stack`` is not one of ``encoder``, ``decoder``, ``both``.
+    """
+    if stack is not None and stack not in STACKS:
+        raise ConfigError(f"stack={stack!r} must be 'encoder', 'decoder' or 'both' (or None for the default).")
+    found = _stacks(model)
+    if not found:
+        raise ConversionError(
+            "could not find a stack of transformer layers (an nn.ModuleList of repeated layers) in "
+            f"{type(model).__name__}; {candidates_text(model)}. "
+            "Pass layer_type= or filter_fn= to choose the layers."
+        )
+    by_kind = {k: max((f for f in found if kind(f[1]) == k), key=lambda f: f[0], default=None)
+               for k in ("encoder", "decoder")}
+    enc, dec = by_kind["encoder"], by_kind["decoder"]
+    if stack is None:
+        chosen = [enc] if enc is not None and dec is not None else [max(found, key=lambda f: f[0])]
+    else:
+        wanted = ["encoder", "decoder"] if stack == "both" else [stack]
+        missing = [k for k in wanted if by_kind[k] is None]
+        if missing:
+            names = ", ".join(f"{f[1]} ({f[2].__name__})" for f in found[:6])
+            raise ConversionError(
+                f"stack={stack!r}: {type(model).__name__} has no {missing[0]} stack of layers (stacks found: {names}); "
+                "stack= chooses between the encoder and the decoder of an encoder-decoder model."
+            )
+        chosen = [f for k in wanted if (f := by_kind[k]) is not None]
+    return [(f[1], f[2], f[3]) for f in chosen]
+
+
+def find_layer_stack(model: nn.Module) -> tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]:
+    """Find the model's stack of transformer layers (see :func:`find_layer_stacks`; the default stack).
+
+    Returns:
+        ``(container name, layer class, [(qualified name, layer), ...])``.
+
+    Raises:
+        ConversionError: no ``ModuleList`` (or ``Sequential``) holds two or more layers of one class.
+    """
+    return find_layer_stacks(model)[0]
+
+
+@dataclass(frozen=True)
+class SharedCall:
+    """One call of a layer shared between several layer calls (ALBERT): the module's name, which of
+    its calls in one model forward this is, how many calls it gets per forward, and the module that
+    runs the calls (its forward starts a new count)."""
+
+    name: str
+    call: int
+    calls_per_forward: int
+    owner: str
+
+
+def shared_calls(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, SharedCall]] | None:
+    """ALBERT-style sharing (``config.num_hidden_groups`` groups of ``inner_group_num`` layers serve
+    ``num_hidden_layers`` calls): one candidate per *call*, named ``"<layer> (call i)"``, in call order.
+
+    ``None`` when the model does not share layers this way.
+    """
+    cfg = getattr(model, "config", None)
+    groups_n, calls_n = getattr(cfg, "num_hidden_groups", None), getattr(cfg, "num_hidden_layers", None)
+    if not (isinstance(groups_n, int) and isinstance(calls_n, int) and 0 < groups_n < calls_n):
+        return None
+    for owner_name, owner in model.named_modules():
+        for list_name, groups in owner.named_children():
+            if not isinstance(groups, nn.ModuleList) or len(groups) != groups_n:
+                continue
+            inner = [_inner_layers(g) for g in groups]
+            if any(not layers for layers in inner):
+                continue
+            per_group = calls_n / groups_n
+            candidates: list[tuple[str, nn.Module]] = []
+            info: dict[str, SharedCall] = {}
+            counts: collections.Counter[str] = collections.Counter()
+            for i in range(calls_n):
+                g = int(i / per_group)
+                for sub, layer in inner[g]:
+                    name = ".".join(p for p in (owner_name, list_name, str(g), sub) if p)
+                    label = f"{name} (call {i})"
+                    info[label] = SharedCall(name, counts[name], 0, owner_name)
+                    counts[name] += 1
+                    candidates.append((label, layer))
+            info = {k: SharedCall(v.name, v.call, counts[v.name], v.owner) for k, v in info.items()}
+            return candidates, info
+    return None
+
+
+def _inner_layers(group: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers of one shared group: the members of its single ``ModuleList`` of one class."""
+    lists = [(n, m) for n, m in group.named_children() if isinstance(m, nn.ModuleList) and len(m)]
+    if len(lists) != 1:
+        return []
+    list_name, modules = lists[0]
+    if len({type(m) for m in modules}) != 1:
+        return []
+    return [(f"{list_name}.{i}", m) for i, m in enumerate(modules)]
+
+
+def candidates_text(model: nn.Module) -> str:
+    counts = collections.Counter(
+        type(m).__name__ for m in model.modules() if not isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
+    )
+    repeated = [(n, c) for n, c in counts.most_common() if c >= 2][:8]
+    if not repeated:
+        return "the model has no repeated module classes"
+    return "candidate classes found: " + ", ".join(f"{n} x{c}" for n, c in repeated)

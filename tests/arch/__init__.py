@@ -1,0 +1,1 @@
+"""Architecture sweep: tiny Hugging Face models checked against an independent reference (a package)."""

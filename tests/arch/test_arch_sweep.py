@@ -1,0 +1,66 @@
+"""The architecture sweep: every family of the zoo is exact against the independent reference, or refused.
+
+See ``reference.py`` for the reference and ``zoo.py`` for the models; ``docs/architectures.md``
+is generated from the same results (``test_arch_page.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from .reference import check_checkpointing, check_eval_identical, check_training_step, result
+from .zoo import BY_NAME, VARIANTS, Family, attn_kinds
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # tiny ops: one thread is far faster on a busy 2-core machine
+
+
+def _cases(families: list[Family], *, first_attention_only: bool = False) -> list[object]:
+    return [
+        pytest.param(f.name, attn, id=f"{f.name}-{attn}",
+                     marks=[pytest.mark.xfail(strict=True, reason=f.xfail)] if f.xfail else [])
+        for f in families for attn in attn_kinds(f.name)[: 1 if first_attention_only else None]
+    ]
+
+
+@pytest.mark.parametrize(("name", "attn"), _cases(VARIANTS))
+def test_family_is_exact_or_refused(name: str, attn: str) -> None:
+    fam = BY_NAME[name]
+    res = result(name, attn)
+    assert res.status == fam.expect, f"{name} ({attn}): expected {fam.expect}, found {res.status}: {res.detail}"
+    if fam.expect == "refused":
+        assert fam.refusal and fam.refusal in res.detail, res.detail
+
+
+@pytest.mark.parametrize(("name", "attn"), _cases([f for f in VARIANTS if f.expect == "exact"]))
+def test_converted_model_trains_one_step_on_a_padded_batch(name: str, attn: str) -> None:
+    loss = check_training_step(BY_NAME[name], attn)
+    assert loss > 0
+
+
+@pytest.mark.parametrize(("name", "attn"), _cases([f for f in VARIANTS if f.expect == "exact"],
+                                                   first_attention_only=True))
+def test_converted_model_in_eval_mode_equals_the_unconverted_one(name: str, attn: str) -> None:
+    check_eval_identical(BY_NAME[name], attn)
+
+
+@pytest.mark.parametrize(("name", "attn"), _cases([f for f in VARIANTS if f.expect == "exact"],
+                                                   first_attention_only=True))
+def test_gradient_checkpointing_gives_the_same_gradients(name: str, attn: str) -> None:
+    if not check_checkpointing(BY_NAME[name], attn):
+        pytest.skip(f"{BY_NAME[name].model} does not support gradient checkpointing")
+
+
+def test_sweep_covers_the_issue_families() -> None:
+    families = {f.family for f in VARIANTS}
+    assert len(families) >= 55
+    named = {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "phi", "opt",
+             "bloom", "falcon", "mpt", "codegen", "mixtral", "qwen2_moe", "bert", "roberta", "albert", "distilbert",
+             "electra", "deberta", "deberta_v2", "mpnet", "xlm_roberta", "vit", "deit", "beit", "swin", "wav2vec2",
+             "hubert", "whisper", "t5", "bart", "mbart", "pegasus"}
+    assert named <= families, named - families
