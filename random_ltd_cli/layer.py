@@ -303,14 +303,15 @@ class RandomLayerTokenDrop(nn.Module):
             self.last_indices = idx
         route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), keep, self.batch_first)
         call.set(self._hidden_name, route.split())
-        with self._records.hold(route.flat, batch * seq_len) as records:  # router logits & co. come back full length
-            if adapter is None:
-                out = call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
-            else:
-                out = _call_adapted(layer, adapter, call, idx, seq_len)
+        records = self._records.hold(route.flat, batch * seq_len)  # router logits & co. come back full length
+        if records is None:
+            out = _call_inner(layer, adapter, call, idx, seq_len)
+        else:
+            with records:
+                out = _call_inner(layer, adapter, call, idx, seq_len)
+            records.replay()
         if torch.compiler.is_compiling():
             compiled.warn_if_static(self, keep)  # at compile time: did r stay a symbol?
-        records.replay()
         out = self._merge_output(route, out, swaps)
         return replay_recorders(layer, args, kwargs, out)
 
@@ -397,6 +398,14 @@ class RandomLayerTokenDrop(nn.Module):
             f"the wrapped {type(self.random_ltd_layer).__name__} returned {type(out).__name__}; random-LTD needs a "
             "tensor or a tuple whose element 0 is the hidden states."
         )
+
+
+def _call_inner(
+    layer: nn.Module, adapter: LayerAdapter | None, call: _Arguments, idx: torch.Tensor, seq_len: int
+) -> Any:
+    if adapter is None:
+        return call_unrecorded(layer, call.args, call.kwargs)  # recorders must see full-length states
+    return _call_adapted(layer, adapter, call, idx, seq_len)
 
 
 def _call_adapted(layer: nn.Module, adapter: LayerAdapter, call: _Arguments, idx: torch.Tensor, seq_len: int) -> Any:

@@ -103,7 +103,11 @@ class SubmoduleRecords:
         self._flat: Any = None
         self._total = 0
 
-    def hold(self, flat: Any, total: int) -> SubmoduleRecords:
+    def hold(self, flat: Any, total: int) -> SubmoduleRecords | None:
+        """``self`` set up for one call, or ``None`` when no module inside has a capture hook (nothing to hold;
+        the common case, and the one ``torch.compile`` traces without a graph break)."""
+        if not any(_is_capture_hook(h) for m in self._inner for h in m._forward_hooks.values()):
+            return None
         self._flat, self._total = flat, total
         return self
 
