@@ -18,7 +18,7 @@ from ..errors import CheckpointError
 from ..keys import strip_key
 from ._atomic import atomic_dir, atomic_file, new_file
 from ._common import FilePlan, TensorInfo
-from ._deepspeed_dir import deepspeed_files, model_state_files
+from ._deepspeed_dir import deepspeed_files, pipeline_prefix, scan_deepspeed
 from ._detect import plan_file, scan_file
 from ._hf_dir import hf_weight_files, indexes, renamed_index
 from ._io import Progress, copy_range, write_all
@@ -39,6 +39,11 @@ class DirPlan:
     @property
     def side_count(self) -> int:
         return sum(p.side_count for p in self.files.values())
+
+    @property
+    def side_renames(self) -> list[tuple[str, str]]:
+        pairs = (pair for p in self.files.values() for pair in getattr(p, "side_renames", ()))
+        return list(dict.fromkeys(pairs))
 
     @property
     def changed(self) -> bool:
@@ -76,8 +81,9 @@ def plan_dir(root: Path, fmt: str, *, trust_pickle: bool) -> DirPlan:
     plan = DirPlan(fmt, root)
     for rel in dict.fromkeys(names):
         plan.files[rel] = plan_file(root / rel, trust_pickle=trust_pickle)
+        prefix = pipeline_prefix(rel) if fmt == "deepspeed-dir" else ""  # a pipeline layer's names, as its module
         for old, new in plan.files[rel].weights.items():
-            plan.weights.setdefault(old, new)
+            plan.weights.setdefault(prefix + old, prefix + new)
     for index in found:
         content, renames = renamed_index(root, index)
         for name, shard in index.weight_map.items():
@@ -140,8 +146,10 @@ def write_dir_in_place(plan: DirPlan, progress: Progress | None = None) -> None:
 
 def scan_dir(root: Path, fmt: str, *, trust_pickle: bool) -> tuple[list[TensorInfo], dict[str, Any], list[str]]:
     """Tensor records and metadata of a folder's weights (for DeepSpeed: the newest tag's model states)."""
+    if fmt == "deepspeed-dir":
+        return scan_deepspeed(root, trust_pickle=trust_pickle)[:3]
     found = indexes(root)
-    names = model_state_files(root) if fmt == "deepspeed-dir" else hf_weight_files(root, found)
+    names = hf_weight_files(root, found)
     tensors: list[TensorInfo] = []
     metadata: dict[str, Any] = {}
     for rel in names:

@@ -10,10 +10,12 @@ from ..errors import CheckpointError
 from ..keys import wrapped_prefixes
 from ._atomic import atomic_file
 from ._common import FilePlan
+from ._deepspeed_dir import scan_deepspeed
 from ._detect import detect_format, plan_file, scan_file
 from ._dir import DirPlan, plan_dir, scan_dir, write_dir, write_dir_in_place
 from ._io import Progress, ProgressFn
 from ._report import CheckpointInfo, StripReport
+from ._torch import wrapped_side_names
 
 __all__ = ["default_output", "inspect", "strip"]
 
@@ -94,6 +96,7 @@ def strip(
         renamed=[(str(a), str(b)) for a, b in renamed],
         untouched_count=len(plan.weights) - len(renamed),
         side_renamed_count=plan.side_count,
+        side_renamed=list(getattr(plan, "side_renames", [])),
         in_place=in_place,
         dry_run=dry_run,
     )
@@ -109,11 +112,16 @@ def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Chec
     """Implementation of :func:`random_ltd_cli.checkpoint.inspect_checkpoint`."""
     path = Path(path)
     fmt = detect_format(path)
-    if fmt in DIR_FORMATS:
+    side: list[str] = []  # wrapped names outside the weights (DeepSpeed's side tables)
+    if fmt == "deepspeed-dir":
+        tensors, metadata, files, side = scan_deepspeed(path, trust_pickle=trust_pickle)
+    elif fmt in DIR_FORMATS:
         tensors, metadata, files = scan_dir(path, fmt, trust_pickle=trust_pickle)
     else:
         tensors, metadata = scan_file(path, trust_pickle=trust_pickle)
         files = [path.name]
+        if fmt == "torch":
+            side = wrapped_side_names(path, trust_pickle=trust_pickle)
     dtypes = Counter(t.dtype for t in tensors)
     return CheckpointInfo(
         format=fmt,
@@ -121,7 +129,7 @@ def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Chec
         tensor_count=len(tensors),
         parameter_count=sum(t.numel for t in tensors),
         dtypes=dict(sorted(dtypes.items())),
-        wrapped_layers=wrapped_prefixes(t.name for t in tensors),
+        wrapped_layers=wrapped_prefixes([*(t.name for t in tensors), *side]),
         metadata=metadata,
         files=files,
         tensors=tensors,

@@ -88,6 +88,8 @@ def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool) -> None:
         table.add_row("dtypes", escape(json.dumps(data["dtypes"])))
     wrapped = list(info.wrapped_layers)
     table.add_row("wrapped layers", escape(", ".join(wrapped)) if wrapped else "none (plain checkpoint)")
+    if isinstance(info.metadata, dict) and isinstance(info.metadata.get("note"), str):
+        table.add_row("note", escape(info.metadata["note"]))  # e.g. a ZeRO-3 or DCP folder: how to consolidate
     settings = info.metadata.get("random_ltd") if isinstance(info.metadata, dict) else None
     if settings:
         table.add_row("random-LTD settings", escape(json.dumps(settings)))
