@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..keys import strip_key
+from . import _dcp
 from ._atomic import atomic_dir, atomic_file, new_file
 from ._common import FilePlan, TensorInfo
 from ._deepspeed_dir import deepspeed_files, pipeline_prefix, scan_deepspeed
@@ -76,9 +77,13 @@ def plan_dir(root: Path, fmt: str, *, trust_pickle: bool) -> DirPlan:
         KeyCollisionError: two names would become one (within a file or across a shard index).
         CheckpointError: an unsafe shard name, a missing shard, an unreadable or inconsistent file.
     """
+    plan = DirPlan(fmt, root)
+    if fmt == "dcp-dir":  # names live only in .metadata; the .distcp files are copied as bytes
+        plan.files[_dcp.METADATA] = _dcp.plan_strip(root, trust_pickle=trust_pickle)
+        plan.weights = dict(plan.files[_dcp.METADATA].weights)
+        return plan
     found = indexes(root)
     names = hf_weight_files(root, found) + (deepspeed_files(root) if fmt == "deepspeed-dir" else [])
-    plan = DirPlan(fmt, root)
     for rel in dict.fromkeys(names):
         plan.files[rel] = plan_file(root / rel, trust_pickle=trust_pickle)
         prefix = pipeline_prefix(rel) if fmt == "deepspeed-dir" else ""  # a pipeline layer's names, as its module
@@ -148,6 +153,8 @@ def scan_dir(root: Path, fmt: str, *, trust_pickle: bool) -> tuple[list[TensorIn
     """Tensor records and metadata of a folder's weights (for DeepSpeed: the newest tag's model states)."""
     if fmt == "deepspeed-dir":
         return scan_deepspeed(root, trust_pickle=trust_pickle)[:3]
+    if fmt == "dcp-dir":
+        return _dcp.scan(root, trust_pickle=trust_pickle)
     found = indexes(root)
     names = hf_weight_files(root, found)
     tensors: list[TensorInfo] = []

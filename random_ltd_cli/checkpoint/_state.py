@@ -13,6 +13,7 @@ import torch
 from ..errors import CheckpointError, UnsafePickleError
 from ._atomic import atomic_file, atomic_path
 from ._common import TORCH_SUFFIXES
+from ._dcp import CONSOLIDATE_HINT
 from ._deepspeed_dir import ZERO3_HINT, is_zero3, model_state_files
 from ._detect import detect_format, file_format
 from ._hf_dir import hf_weight_files, indexes
@@ -74,6 +75,11 @@ def load_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     """Implementation of :func:`random_ltd_cli.checkpoint.load_state_dict`."""
     path = Path(path)
     fmt = detect_format(path)
+    if fmt == "dcp-dir":
+        raise CheckpointError(
+            f"{path} is a torch.distributed.checkpoint folder, sharded over .distcp files; "
+            f"{CONSOLIDATE_HINT.replace('DIR', str(path))}, then pass OUT.pt."
+        )
     files = model_state_files(path) if fmt == "deepspeed-dir" else [path.name]
     if fmt in ("deepspeed-dir", "torch") and is_zero3(files):  # buffers whole, parameters empty placeholders
         folder = path if fmt == "deepspeed-dir" else path.parent.parent

@@ -19,7 +19,7 @@ from ._torch import wrapped_side_names
 
 __all__ = ["default_output", "inspect", "strip"]
 
-DIR_FORMATS = ("hf-dir", "deepspeed-dir")
+DIR_FORMATS = ("hf-dir", "deepspeed-dir", "dcp-dir")
 
 
 def default_output(src: Path) -> Path:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -48,3 +49,24 @@ def run_worker(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
         tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         pytest.fail(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{tail}")
     return proc
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def untouched() -> Callable[[Path], Callable[[], None]]:
+    """``check = untouched(path)`` records a file's or folder's bytes; ``check()`` asserts nothing changed."""
+
+    def record(path: Path) -> Callable[[], None]:
+        before = _snapshot(path)
+
+        def check() -> None:
+            assert _snapshot(path) == before, f"{path} changed"
+
+        return check
+
+    return record
