@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..keys import strip_key
 from . import _dcp
+from ._adapter import check_adapter_config
 from ._atomic import atomic_dir, atomic_file, new_file
 from ._common import FilePlan, TensorInfo
 from ._deepspeed_dir import deepspeed_files, pipeline_prefix, scan_deepspeed
@@ -82,6 +83,7 @@ def plan_dir(root: Path, fmt: str, *, trust_pickle: bool) -> DirPlan:
         plan.files[_dcp.METADATA] = _dcp.plan_strip(root, trust_pickle=trust_pickle)
         plan.weights = dict(plan.files[_dcp.METADATA].weights)
         return plan
+    check_adapter_config(root)  # a PEFT adapter whose config names wrapped modules: refused
     found = indexes(root)
     names = hf_weight_files(root, found) + (deepspeed_files(root) if fmt == "deepspeed-dir" else [])
     for rel in dict.fromkeys(names):
