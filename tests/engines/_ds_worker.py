@@ -202,6 +202,13 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     os.environ.setdefault("MASTER_PORT", sys.argv[3] if len(sys.argv) > 3 else "29511")
+    import importlib
+
+    ds_comm = importlib.import_module("deepspeed.comm.torch")  # not `import ... as`: deepspeed.comm.torch is torch
+    # DeepSpeed compiles a shared-memory all-reduce kernel the first time its CPU backend starts
+    # (80 s on an idle 2-core machine, 200 s on a busy one). Only inference_all_reduce uses it, never
+    # training, and one rank never reaches it: the tests do without it.
+    ds_comm.build_shm_op = lambda: None
     code = 0
     try:
         {"write": write, "reload": reload}[sys.argv[1]](Path(sys.argv[2]))
