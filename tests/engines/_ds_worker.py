@@ -198,6 +198,29 @@ def reload(out: Path) -> None:
         del engine
 
 
+def docs(out: Path) -> None:
+    """Run the examples of docs/deepspeed.md: the training script, then the resume snippet on a new engine."""
+    import re
+
+    import deepspeed
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "deepspeed.md").read_text()
+    train, resume = re.findall(r"```python\n(.*?)```", text, re.S)
+    os.chdir(out)
+    ns: dict[str, Any] = {}
+    exec(compile(train, "docs/deepspeed.md", "exec"), ns)
+    cfg, trained = ns["ds_config"], ns["sched"].state_dict()
+    sched = RandomLTDScheduler.from_deepspeed(cfg)
+    model = convert_to_random_ltd(GPT(GPTConfig(vocab_size=50, block_size=SEQ, n_layer=4, n_embd=32, n_head=2)),
+                                  ds_config=cfg, scheduler=sched)  # fmt: skip
+    engine = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)[0]
+    exec(compile(resume, "docs/deepspeed.md", "exec"), {"engine": engine, "sched": sched})
+    now, then = engine.module.state_dict(), ns["engine"].module.state_dict()
+    same = list(now) == list(then) and all(torch.equal(now[k], then[k]) for k in now)
+    facts = {"trained": trained, "resumed": sched.state_dict(), "same_weights": same}
+    (out / "docs.json").write_text(json.dumps(facts))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -211,7 +234,7 @@ if __name__ == "__main__":
     ds_comm.build_shm_op = lambda: None
     code = 0
     try:
-        {"write": write, "reload": reload}[sys.argv[1]](Path(sys.argv[2]))
+        {"write": write, "reload": reload, "docs": docs}[sys.argv[1]](Path(sys.argv[2]))
     except BaseException:
         import traceback
 

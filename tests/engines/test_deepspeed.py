@@ -110,3 +110,13 @@ def test_deepspeed_random_ltd_state_is_shown(ds_out: Path) -> None:
         metadata = inspect_checkpoint(ds_out / f"zero{stage}").metadata
         assert metadata["deepspeed_random_ltd_state"] == facts(ds_out, f"zero{stage}")["theirs"]
         assert "random_ltd" not in metadata
+
+
+def test_the_docs_example_trains_saves_and_resumes(tmp_path: Path) -> None:
+    require("deepspeed")
+    run_worker("_ds_worker.py", "docs", str(tmp_path), str(free_port()))
+    ran = facts(tmp_path, "docs")
+    assert ran["trained"] == ran["resumed"] == {"consumed_layer_tokens": 512, "current_steps": 2, "current_value": 16,
+                                                "min_value": 8, "max_value": 32}  # fmt: skip
+    assert ran["same_weights"]  # the converted model resumed from the folder DeepSpeed wrote
+    assert (tmp_path / "ckpt" / "latest").read_text() == "global_step3"
