@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from random_ltd_cli import convert_to_random_ltd, random_ltd_layers
+from random_ltd_cli import convert_to_random_ltd, random_ltd_layers, revert_random_ltd
 from random_ltd_cli.checkpoint import inspect_checkpoint, strip_checkpoint
 from random_ltd_cli.errors import CheckpointError
 from random_ltd_cli.keys import strip_key
@@ -88,6 +88,10 @@ def test_lora_adapter_trains_strips_and_loads_into_the_plain_base_model(tmp_path
     from peft import PeftModel
 
     assert len(random_ltd_layers(model)) == 2
+    kept: list[int] = []
+    _, layer = random_ltd_layers(model)[0]
+    inner = layer.sampler
+    layer.sampler = lambda *a, **k: kept.append(int((idx := inner(*a, **k)).shape[1])) or idx
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     model.train()
@@ -95,6 +99,7 @@ def test_lora_adapter_trains_strips_and_loads_into_the_plain_base_model(tmp_path
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
+    assert kept == [8, 8]  # 8 of 16 tokens, one call per step
     model.save_pretrained(str(tmp_path / "adapter"))
     assert any(".random_ltd_layer." in t.name for t in inspect_checkpoint(tmp_path / "adapter").tensors)
     strip_checkpoint(tmp_path / "adapter", tmp_path / "plain")
@@ -105,6 +110,13 @@ def test_lora_adapter_trains_strips_and_loads_into_the_plain_base_model(tmp_path
     with torch.no_grad():
         got = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the other way to plain names: unwrap, then save
+    revert_random_ltd(model)
+    model.save_pretrained(str(tmp_path / "reverted"))
+    assert not any(".random_ltd_layer." in t.name for t in inspect_checkpoint(tmp_path / "reverted").tensors)
+    again = PeftModel.from_pretrained(tiny_hf_model("gpt2"), str(tmp_path / "reverted")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, want, rtol=0, atol=0)
 
 
 def test_adapter_config_naming_wrapped_modules_is_refused(tmp_path: Path, untouched) -> None:
