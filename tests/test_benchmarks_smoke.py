@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         ("sampling_cost.py", ["--smoke"], "ratio_deepspeed_over_ours"),
         ("cli_startup.py", ["--smoke"], "median_s"),
         ("strip_throughput.py", ["--size-mib", "4", "--repeats", "1"], None),
+        ("strip_dcp.py", ["--size-mib", "4", "--repeats", "1"], "ratio_vs_cp_r_sync"),
     ],
 )
 def test_benchmark_smoke(tmp_path: Path, script: str, args: list[str], key: str | None) -> None:

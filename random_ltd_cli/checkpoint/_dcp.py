@@ -16,18 +16,20 @@ those strings in the pickle (read by :mod:`._pickle`, never executed) and copies
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CheckpointError, KeyCollisionError, UnsafePickleError
 from ..keys import SEGMENT, rename_keys, strip_key
+from ._atomic import atomic_dir, new_file
 from ._common import TensorInfo
-from ._io import Progress, write_all
+from ._io import Progress, copy_range, write_all
 from ._pickle import Global, Instance, Parsed, PickleError, PStr, mapping_items, parse, substitute
 from ._torch_names import size_shape
 
-__all__ = ["CONSOLIDATE_HINT", "METADATA", "DcpPlan", "is_dcp_dir", "plan_strip", "scan"]
+__all__ = ["CONSOLIDATE_HINT", "METADATA", "DcpPlan", "is_dcp_dir", "plan_strip", "scan", "write_copy"]
 
 METADATA = ".metadata"
 MAX_METADATA = 1 << 30
@@ -206,3 +208,53 @@ def plan_strip(root: Path, *, trust_pickle: bool = False) -> DcpPlan:
     except PickleError as exc:
         raise CheckpointError(f"{path}: {exc}; load the checkpoint with torch and save it again.") from exc
     return DcpPlan(path, {str(k): v for k, v in weights.items()}, content, bool(subs), side)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_copy(plan: DcpPlan, dst: Path, progress: Progress | None = None) -> None:
+    """Write the stripped folder to ``dst``: every other file copied as bytes, the new ``.metadata`` last.
+
+    The data files are all copied before any is flushed, then flushed together (as ``cp -r`` and
+    ``sync`` would): the kernel writes them back while later files are still being copied, instead
+    of one file at a time. The folder appears at ``dst`` only once everything is on disk.
+    """
+    root = plan.source.parent
+    with atomic_dir(dst) as tmp:
+        copied: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            rel_dir = here.relative_to(root)
+            (tmp / rel_dir).mkdir(exist_ok=True)
+            for name in [*dirnames, *filenames]:
+                src, out = here / name, tmp / rel_dir / name
+                if src.is_symlink() and not src.is_file():  # a linked folder or a dangling link: keep the link
+                    os.symlink(os.readlink(src), out)
+                elif src == plan.source or not src.is_file():
+                    continue
+                else:
+                    _copy(src, out, progress)
+                    copied.append(out)
+        for path in copied:
+            _fsync(path)
+        with new_file(tmp / METADATA, mode_like=plan.source) as fd:
+            plan.write(fd, progress)
+
+
+def _copy(src: Path, out: Path, progress: Progress | None) -> None:
+    mode = os.stat(src).st_mode & 0o777
+    fd_in = os.open(src, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        fd_out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+        try:
+            copy_range(fd_in, fd_out, 0, 0, os.fstat(fd_in).st_size, progress)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)

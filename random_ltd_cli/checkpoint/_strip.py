@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..keys import wrapped_prefixes
+from . import _dcp
 from ._atomic import atomic_file
 from ._common import FilePlan
 from ._deepspeed_dir import scan_deepspeed
@@ -58,7 +59,10 @@ def _target(src: Path, dst: Path | None, *, in_place: bool) -> Path:
 def _write(plan: FilePlan | DirPlan, target: Path, *, in_place: bool, progress: ProgressFn | None) -> None:
     if isinstance(plan, DirPlan):
         tracker = Progress(progress, plan.nbytes(in_place=in_place))
-        if in_place:
+        metadata = plan.files.get(_dcp.METADATA) if plan.format == "dcp-dir" else None
+        if isinstance(metadata, _dcp.DcpPlan) and not in_place:  # data files copied first, flushed together
+            _dcp.write_copy(metadata, target, tracker)
+        elif in_place:
             write_dir_in_place(plan, tracker)
         else:
             write_dir(plan, target, tracker)
