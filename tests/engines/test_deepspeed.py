@@ -120,3 +120,18 @@ def test_the_docs_example_trains_saves_and_resumes(tmp_path: Path) -> None:
                                                 "min_value": 8, "max_value": 32}  # fmt: skip
     assert ran["same_weights"]  # the converted model resumed from the folder DeepSpeed wrote
     assert (tmp_path / "ckpt" / "latest").read_text() == "global_step3"
+
+
+def test_convert_weights_from_a_zero3_folder_is_one_error_line(ds_out: Path, tmp_path: Path) -> None:
+    init = json.dumps({"vocab_size": 50, "block_size": 32, "n_layer": 4, "n_head": 2, "n_embd": 32})
+    out = tmp_path / "out.safetensors"
+    folder = ds_out / "zero3"
+    cli = subprocess.run(
+        [sys.executable, "-m", "random_ltd_cli", "convert", "random_ltd_cli.model:GPT", "--init", init,
+         "--weights", str(folder), "-o", str(out)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert cli.returncode == 1 and not out.exists()
+    lines = [line for line in cli.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ")
+    assert "ZeRO stage-3 checkpoint" in lines[0] and f"python {folder}/zero_to_fp32.py {folder} OUT" in lines[0]
