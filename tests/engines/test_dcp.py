@@ -67,6 +67,45 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     os._exit(0)  # gloo's threads may abort the interpreter's teardown after the work is done
 
 
+def _fsdp_load_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Load the stripped folder into the UNCONVERTED model, sharded by FSDP2 on two ranks, with its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny(seed=5)
+        for block in model.transformer["h"]:
+            fully_shard(block)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=os.path.join(out, "plain"))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        steps = [float(s["step"]) for s in opt.state.values()]
+        if rank == 0:
+            torch.save({"model": full, "steps": steps}, os.path.join(out, "loaded.pt"))
+        del model, opt
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 @pytest.fixture(scope="module")
 def fsdp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
@@ -107,6 +146,13 @@ def test_fsdp2_folder_is_detected_inspected_stripped_and_loads_into_the_plain_mo
     want = {strip_key(k): v for k, v in full.items()}
     assert set(plain.state_dict()) == set(want)
     for name, value in plain.state_dict().items():
+        assert torch.equal(value, want[name]), name
+    # and into the unconverted model sharded by FSDP2 on two ranks, optimizer included
+    mp.spawn(_fsdp_load_worker, args=(2, free_port(), str(fsdp_dir)), nprocs=2, join=True)
+    loaded = torch.load(fsdp_dir / "loaded.pt")
+    assert loaded["steps"] and set(loaded["steps"]) == {2.0}  # AdamW's step count came back with the moments
+    assert set(loaded["model"]) == set(want)
+    for name, value in loaded["model"].items():
         assert torch.equal(value, want[name]), name
 
 
