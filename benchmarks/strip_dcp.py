@@ -133,14 +133,19 @@ def main() -> None:
         size_mib=args.size_mib,
         repeats=args.repeats,
         targets={"ratio": TARGET_RATIO, "peak_rss_mib": TARGET_RSS_MIB},
-        machine={"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                 "peak_rss_by": "GNU time %M" if GNU_TIME else "os.wait4 ru_maxrss (upper bound)"},  # fmt: skip
+        machine={
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "peak_rss_by": "GNU time %M" if GNU_TIME else "os.wait4 ru_maxrss (upper bound)",
+        },
     )
     result["meets_targets"] = (
         result["ratio_vs_cp_r_sync"] <= TARGET_RATIO and result["peak_rss_mib"]["strip"] <= TARGET_RSS_MIB
     )
     s = result["seconds"]
-    print(f"strip vs cp -r + sync on a {args.size_mib} MiB DCP folder ({os.cpu_count()} CPUs), median of {args.repeats}:")
+    print(f"strip vs cp -r + sync on a {args.size_mib} MiB DCP folder ({os.cpu_count()} CPUs), "
+          f"median of {args.repeats}:")
     print(f"{'cp -r+sync s':>13} {'strip s':>8} {'ratio':>6} {'strip RSS MiB':>14} {'cp RSS MiB':>11} {'targets':>8}")
     print(
         f"{s['cp_r_sync']:>13.2f} {s['strip']:>8.2f} {result['ratio_vs_cp_r_sync']:>6.2f} "

@@ -170,7 +170,8 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=2048, help="checkpoint size (default 2048 = 2 GiB)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command, alternating (default 3)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp folder)")
-    parser.add_argument("--json", type=Path, default=RESULTS / "strip_throughput.json", help="where to write results")
+    parser.add_argument("--json", type=Path, default=RESULTS / "local" / "strip_throughput.json",
+                        help="where to write results (default: results/local/, never the committed reference)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="strip-bench-", dir=args.dir))

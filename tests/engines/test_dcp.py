@@ -241,3 +241,17 @@ def test_collisions_missing_data_and_foreign_globals_are_refused(tmp_path: Path,
     with pytest.raises(UnsafePickleError):
         strip_checkpoint(evil)
     assert not (tmp_path / "evil.stripped").exists()
+
+
+def test_dcp_sub_folders_of_a_run_folder_are_stripped(tmp_path: Path) -> None:
+    # Accelerate's FSDP SHARDED_STATE_DICT: save_state writes DCP sub-folders beside its side files
+    model = convert_to_random_ltd(tiny(), reserved_length=8)
+    state = tmp_path / "state"
+    plain_dcp(state / "pytorch_model_fsdp_0", {"model": model.state_dict()})
+    (state / "random_states_0.pkl").write_bytes(pickle.dumps({"step": 1}))
+    assert detect_format(state) == "run-dir"
+    report = strip_checkpoint(state, tmp_path / "plain")
+    assert report.renamed_count == 24 and report.wrote
+    assert detect_format(tmp_path / "plain" / "pytorch_model_fsdp_0") == "dcp-dir"
+    assert inspect_checkpoint(tmp_path / "plain").wrapped_layers == []
+    assert (tmp_path / "plain" / "random_states_0.pkl").read_bytes() == (state / "random_states_0.pkl").read_bytes()
