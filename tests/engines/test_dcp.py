@@ -230,6 +230,15 @@ def test_collisions_missing_data_and_foreign_globals_are_refused(tmp_path: Path,
         "and retry."
     )
 
+    nested = plain_dcp(tmp_path / "nested", {"a": {"random_ltd_layer": {"w": w}}})
+    with pytest.raises(CheckpointError) as err:
+        strip_checkpoint(nested)
+    assert str(err.value) == (
+        f"{nested / '.metadata'}: the entry 'a.random_ltd_layer.w' nests a dict under the key 'random_ltd_layer'; "
+        "strip cannot rename a nesting level. Load the checkpoint, rename it in Python, and save it again."
+    )
+    assert not (tmp_path / "nested.stripped").exists()
+
     class Evil:
         def __reduce__(self) -> tuple[Any, ...]:
             return (os.system, ("echo owned",))
