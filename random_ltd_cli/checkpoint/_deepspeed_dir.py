@@ -131,6 +131,8 @@ def scan_deepspeed(
     """Tensors, metadata, files read, and wrapped names in side tables, of the newest tag's model states."""
     files = model_state_files(root)
     zero3 = is_zero3(files)
+    if zero3:  # every data-parallel rank saves the same placeholders and side tables: read one
+        files = files[:1]
     tensors: list[TensorInfo] = []
     metadata: dict[str, Any] = {}
     side: list[str] = []
