@@ -40,6 +40,7 @@ _LAZY: dict[str, str] = {
     "random_ltd_layers": "convert",
     "random_ltd_scheduler": "convert",
     "RandomLTDCallback": "integrations",
+    "RandomLTDLightningCallback": "lightning",
     # checkpoints
     "strip_checkpoint": "checkpoint",
     "inspect_checkpoint": "checkpoint",

@@ -2,7 +2,8 @@
 
 Supported: safetensors files, torch.save files (zip and legacy layouts; a bare state dict
 or one nested under ``state_dict``/``module``/``model``...), Hugging Face folders (single
-or sharded, safetensors or ``.bin``) and DeepSpeed checkpoint folders. See
+or sharded, safetensors or ``.bin``; PEFT adapter folders), DeepSpeed checkpoint folders and
+torch.distributed.checkpoint (DCP) folders. See
 ``docs/checkpoints.md`` for what is renamed where and the safety rules.
 
 Importing this package does not import torch; only :func:`load_state_dict` and
@@ -51,7 +52,7 @@ def detect_format(path: PathLike) -> str:
         path: a file or a folder.
 
     Returns:
-        ``"safetensors"``, ``"torch"``, ``"hf-dir"`` or ``"deepspeed-dir"``.
+        ``"safetensors"``, ``"torch"``, ``"hf-dir"``, ``"deepspeed-dir"`` or ``"dcp-dir"``.
 
     Raises:
         CheckpointError: the path does not exist or is not a checkpoint.

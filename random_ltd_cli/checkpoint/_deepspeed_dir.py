@@ -11,19 +11,43 @@ Layout written by ``engine.save_checkpoint(dir)``::
 Every ``*model_states.pt`` and ``*optim_states.pt`` of every tag is rewritten (the names they
 hold are listed in :mod:`._torch_names`); all other files are copied unchanged. The folder
 may also be a Hugging Face Trainer checkpoint (``checkpoint-500/``) with weights at the top.
+
+Inspecting reads the newest tag's model states: ZeRO stage 3 (``zero_pp_rank_*_model_states.pt``)
+keeps parameters as empty placeholders, so their shapes come from the ``param_shapes`` side table
+and the folder is flagged (``metadata["zero_stage"] = 3``); pipeline-engine layer files
+(``layer_02-model_states.pt``) hold names relative to their layer, reported under the layer's index
+(``2.random_ltd_layer.attn...``) as ``PipelineModule.state_dict()`` names them.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointError
+from ..keys import strip_key
+from ._common import TensorInfo, plain_metadata
+from ._pickle import mapping_items
+from ._torch import read_torch, scan, wrapped_side_names
+from ._torch_names import size_shape
 
-__all__ = ["deepspeed_files", "is_deepspeed_dir", "model_state_files", "tag_dirs"]
+__all__ = [
+    "ZERO3_HINT",
+    "deepspeed_files",
+    "is_deepspeed_dir",
+    "is_zero3",
+    "model_state_files",
+    "pipeline_prefix",
+    "scan_deepspeed",
+    "tag_dirs",
+]
 
 _STATE_FILE = re.compile(r".*(model_states|optim_states)\.pt")
 _MODEL_FILE = re.compile(r".*model_states\.pt")
+_ZERO3_MODEL = re.compile(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt")
+_LAYER_FILE = re.compile(r"layer_(\d+)-model(?:_\d+-model)?_states\.pt")
+ZERO3_HINT = "run its zero_to_fp32.py (python DIR/zero_to_fp32.py DIR OUT) to gather the full weights"
 
 
 def _has_states(folder: Path) -> bool:
@@ -75,3 +99,59 @@ def model_state_files(root: Path) -> list[str]:
         return []
     tag = tags[-1]
     return [p.relative_to(root).as_posix() for p in sorted(tag.iterdir()) if _MODEL_FILE.fullmatch(p.name)]
+
+
+def is_zero3(files: list[str]) -> bool:
+    """Whether these model-state files are ZeRO stage 3's (parameters partitioned, placeholders in ``module``)."""
+    return any(_ZERO3_MODEL.fullmatch(Path(rel).name) for rel in files)
+
+
+def pipeline_prefix(rel: str) -> str:
+    """``"2."`` for a pipeline layer file ``layer_02-model_states.pt``, else ``""``."""
+    match = _LAYER_FILE.fullmatch(Path(rel).name)
+    return f"{int(match.group(1))}." if match else ""
+
+
+def _param_shapes(path: Path, *, trust_pickle: bool) -> dict[str, tuple[int, ...]]:
+    """The ``param_shapes`` side table (a dict, or a list of dicts per parameter group): name -> shape."""
+    root = read_torch(path, trust_pickle=trust_pickle).parsed.root
+    table = dict(mapping_items(root) or ()).get("param_shapes")
+    groups = [table] if mapping_items(table) is not None else table if isinstance(table, list) else []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for group in groups:
+        for name, size in mapping_items(group) or ():
+            if isinstance(name, str):
+                shapes[strip_key(str(name))] = size_shape(size)  # DeepSpeed may have stripped only ``module``
+    return shapes
+
+
+def scan_deepspeed(
+    root: Path, *, trust_pickle: bool
+) -> tuple[list[TensorInfo], dict[str, Any], list[str], list[str]]:
+    """Tensors, metadata, files read, and wrapped names in side tables, of the newest tag's model states."""
+    files = model_state_files(root)
+    zero3 = is_zero3(files)
+    if zero3:  # every data-parallel rank saves the same placeholders and side tables: read one
+        files = files[:1]
+    tensors: list[TensorInfo] = []
+    metadata: dict[str, Any] = {}
+    side: list[str] = []
+    for rel in files:
+        file_tensors, file_metadata = scan(root / rel, trust_pickle=trust_pickle)
+        prefix = pipeline_prefix(rel)
+        if zero3:
+            shapes = _param_shapes(root / rel, trust_pickle=trust_pickle)
+            file_tensors = [
+                TensorInfo(t.name, t.dtype, shapes[strip_key(t.name)])
+                if t.numel == 0 and strip_key(t.name) in shapes
+                else t
+                for t in file_tensors
+            ]
+        tensors += [TensorInfo(prefix + t.name, t.dtype, t.shape) for t in file_tensors]
+        side += [prefix + name for name in wrapped_side_names(root / rel, trust_pickle=trust_pickle)]
+        for key, value in file_metadata.items():
+            metadata.setdefault(key, value)
+    if zero3:
+        metadata["zero_stage"] = 3
+        metadata["note"] = f"ZeRO stage 3: parameters are partitioned in the optimizer states; {ZERO3_HINT}."
+    return tensors, plain_metadata(metadata), files, list(dict.fromkeys(side))

@@ -9,12 +9,13 @@ from typing import Any
 from ..errors import CheckpointError
 from . import _safetensors, _torch
 from ._common import FilePlan, TensorInfo
+from ._dcp import is_dcp_dir
 from ._deepspeed_dir import is_deepspeed_dir
 from ._run import is_hf_weights_dir, run_entries
 
 __all__ = ["FORMATS", "detect_format", "file_format", "plan_file", "scan_file"]
 
-FORMATS = ("safetensors", "torch", "hf-dir", "deepspeed-dir", "run-dir")
+FORMATS = ("safetensors", "torch", "hf-dir", "deepspeed-dir", "dcp-dir", "run-dir")
 _WHAT = (
     "expected a .safetensors file, a torch.save file (.pt, .pth, .bin, .ckpt), "
     "a Hugging Face model folder, a DeepSpeed checkpoint folder or a folder of checkpoints"
@@ -42,7 +43,7 @@ def file_format(path: Path) -> str:
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """One of ``"safetensors"``, ``"torch"``, ``"hf-dir"``, ``"deepspeed-dir"``, ``"run-dir"``.
+    """One of ``"safetensors"``, ``"torch"``, ``"hf-dir"``, ``"deepspeed-dir"``, ``"dcp-dir"``, ``"run-dir"``.
 
     Raises:
         CheckpointError: the path does not exist or is not a checkpoint.
@@ -51,6 +52,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if not path.exists():
         raise CheckpointError(f"no such file or folder: {path}. Check the path and retry.")
     if path.is_dir():
+        if is_dcp_dir(path):  # torch.distributed.checkpoint: .metadata + *.distcp
+            return "dcp-dir"
         if is_deepspeed_dir(path):
             return "deepspeed-dir"
         if is_hf_weights_dir(path):

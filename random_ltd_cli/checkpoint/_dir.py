@@ -16,9 +16,11 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..keys import strip_key
+from . import _dcp
+from ._adapter import check_adapter_config
 from ._atomic import atomic_dir, atomic_file, new_file
 from ._common import FilePlan, TensorInfo
-from ._deepspeed_dir import deepspeed_files, model_state_files
+from ._deepspeed_dir import deepspeed_files, pipeline_prefix, scan_deepspeed
 from ._detect import detect_format, file_format, plan_file, scan_file
 from ._hf_dir import hf_weight_files, indexes, renamed_index
 from ._io import Progress, copy_range, write_all
@@ -40,6 +42,11 @@ class DirPlan:
     @property
     def side_count(self) -> int:
         return sum(p.side_count for p in self.files.values())
+
+    @property
+    def side_renames(self) -> list[tuple[str, str]]:
+        pairs = (pair for p in self.files.values() for pair in getattr(p, "side_renames", ()))
+        return list(dict.fromkeys(pairs))
 
     @property
     def changed(self) -> bool:
@@ -72,13 +79,19 @@ def plan_dir(root: Path, fmt: str, *, trust_pickle: bool) -> DirPlan:
         KeyCollisionError: two names would become one (within a file or across a shard index).
         CheckpointError: an unsafe shard name, a missing shard, an unreadable or inconsistent file.
     """
+    plan = DirPlan(fmt, root)
+    if fmt == "dcp-dir":  # names live only in .metadata; the .distcp files are copied as bytes
+        plan.files[_dcp.METADATA] = _dcp.plan_strip(root, trust_pickle=trust_pickle)
+        plan.weights = dict(plan.files[_dcp.METADATA].weights)
+        return plan
+    check_adapter_config(root)  # a PEFT adapter whose config names wrapped modules: refused
     found = indexes(root)
     names = hf_weight_files(root, found) + (deepspeed_files(root) if fmt == "deepspeed-dir" else [])
-    plan = DirPlan(fmt, root)
     for rel in dict.fromkeys(names):
         plan.files[rel] = plan_file(root / rel, trust_pickle=trust_pickle)
+        prefix = pipeline_prefix(rel) if fmt == "deepspeed-dir" else ""  # a pipeline layer's names, as its module
         for old, new in plan.files[rel].weights.items():
-            plan.weights.setdefault(old, new)
+            plan.weights.setdefault(prefix + old, prefix + new)
     for index in found:
         content, renames = renamed_index(root, index)
         for name, shard in index.weight_map.items():
@@ -177,8 +190,12 @@ def write_dir_in_place(plan: DirPlan, progress: Progress | None = None) -> None:
 
 def scan_dir(root: Path, fmt: str, *, trust_pickle: bool) -> tuple[list[TensorInfo], dict[str, Any], list[str]]:
     """Tensor records and metadata of a folder's weights (for DeepSpeed: the newest tag's model states)."""
+    if fmt == "deepspeed-dir":
+        return scan_deepspeed(root, trust_pickle=trust_pickle)[:3]
+    if fmt == "dcp-dir":
+        return _dcp.scan(root, trust_pickle=trust_pickle)
     found = indexes(root)
-    names = model_state_files(root) if fmt == "deepspeed-dir" else hf_weight_files(root, found)
+    names = hf_weight_files(root, found)
     tensors: list[TensorInfo] = []
     metadata: dict[str, Any] = {}
     for rel in names:

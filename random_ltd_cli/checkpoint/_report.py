@@ -23,6 +23,7 @@ class StripReport:
         renamed_count: ``len(renamed)``.
         untouched_count: weight names that keep their name.
         side_renamed_count: other names renamed (DeepSpeed side tables, module metadata, aliases).
+        side_renamed: ``(old, new)`` of those other names, each distinct pair once (torch files).
         wrote: whether a file or folder was written.
         in_place: whether the input itself was (or would be) rewritten.
         dry_run: whether this was a dry run.
@@ -35,6 +36,7 @@ class StripReport:
     renamed: list[tuple[str, str]]
     untouched_count: int
     side_renamed_count: int = 0
+    side_renamed: list[tuple[str, str]] = field(default_factory=list)
     wrote: bool = False
     in_place: bool = False
     dry_run: bool = False
@@ -57,6 +59,7 @@ class StripReport:
             "in_place": self.in_place,
             "dry_run": self.dry_run,
             "renamed": [list(pair) for pair in self.renamed],
+            "side_renamed": [list(pair) for pair in self.side_renamed],
             **({"checkpoints": [e.to_dict() for e in self.entries]} if self.entries else {}),
         }
 

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from ._common import TORCH_SUFFIXES
+from ._dcp import is_dcp_dir
 from ._deepspeed_dir import is_deepspeed_dir
 from ._hf_dir import INDEX_SUFFIX, indexes
 
@@ -82,7 +83,12 @@ def _is_checkpoint_folder(path: Path) -> bool:
     """A sub-folder that holds checkpoints at its top level (one model, or several standalone files)."""
     if not path.is_dir() or path.is_symlink():
         return False
-    return is_deepspeed_dir(path) or any(_is_weights_file(p) for p in path.iterdir()) or bool(indexes(path))
+    return (
+        is_deepspeed_dir(path)
+        or is_dcp_dir(path)
+        or any(_is_weights_file(p) for p in path.iterdir())
+        or bool(indexes(path))
+    )
 
 
 def is_hf_weights_dir(root: Path) -> bool:
@@ -99,7 +105,7 @@ def is_hf_weights_dir(root: Path) -> bool:
 
 def run_entries(root: Path) -> list[Path]:
     """The checkpoints a run folder holds (sub-folders and standalone files), in natural order; [] if none."""
-    if is_deepspeed_dir(root) or is_hf_weights_dir(root):
+    if is_deepspeed_dir(root) or is_dcp_dir(root) or is_hf_weights_dir(root):
         return []
     entries = [p for p in root.iterdir() if _is_weights_file(p) or _is_checkpoint_folder(p)]
     return sorted(entries, key=lambda p: natural_key(p.name))
@@ -128,6 +134,8 @@ def folder_kind(root: Path, fmt: str) -> str:
         return "deepspeed"
     if fmt == "hf-dir":
         return "hf-model"
+    if fmt == "dcp-dir":
+        return "dcp"
     if any(n.endswith(".ckpt") for n in names):
         return "lightning-checkpoints"
     return "run"

@@ -13,7 +13,8 @@ import torch
 from ..errors import CheckpointError, UnsafePickleError
 from ._atomic import atomic_file, atomic_path
 from ._common import TORCH_SUFFIXES
-from ._deepspeed_dir import model_state_files
+from ._dcp import CONSOLIDATE_HINT
+from ._deepspeed_dir import ZERO3_HINT, is_zero3, model_state_files
 from ._detect import detect_format, file_format
 from ._hf_dir import hf_weight_files, indexes
 from ._safetensors import read_header
@@ -82,8 +83,19 @@ def load_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False)
             f"{path} holds {len(names)} separate checkpoints ({', '.join(names[:4])}{'...' if len(names) > 4 else ''}),"
             " not one model; pass one of them."
         )
+    if fmt == "dcp-dir":
+        raise CheckpointError(
+            f"{path} is a torch.distributed.checkpoint folder, sharded over .distcp files; "
+            f"{CONSOLIDATE_HINT.replace('DIR', str(path))}, then pass OUT.pt."
+        )
+    files = model_state_files(path) if fmt == "deepspeed-dir" else [path.name]
+    if fmt in ("deepspeed-dir", "torch") and is_zero3(files):  # buffers whole, parameters empty placeholders
+        folder = path if fmt == "deepspeed-dir" else path.parent.parent
+        raise CheckpointError(
+            f"{path} is a DeepSpeed ZeRO stage-3 checkpoint: its model states hold only placeholders for the "
+            f"parameters; {ZERO3_HINT.replace('DIR', str(folder))}, then pass that file."
+        )
     if fmt == "deepspeed-dir":
-        files = model_state_files(path)
         if len(files) != 1:
             raise CheckpointError(
                 f"{path} holds {len(files)} model-state files ({', '.join(files[:4])}...); merging tensor- or "

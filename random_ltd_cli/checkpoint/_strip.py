@@ -9,17 +9,20 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..keys import wrapped_prefixes
+from . import _dcp
 from ._atomic import atomic_file
 from ._common import FilePlan
+from ._deepspeed_dir import scan_deepspeed
 from ._detect import detect_format, plan_file, scan_file
 from ._dir import DirPlan, RunEntry, plan_dir, plan_run, scan_dir, write_dir, write_dir_in_place
 from ._io import Progress, ProgressFn
 from ._report import CheckpointInfo, StripReport
 from ._run import checkpoint_default_output, folder_kind, natural_key, run_entries, side_files
+from ._torch import wrapped_side_names
 
 __all__ = ["default_output", "inspect", "strip"]
 
-DIR_FORMATS = ("hf-dir", "deepspeed-dir", "run-dir")
+DIR_FORMATS = ("hf-dir", "deepspeed-dir", "dcp-dir", "run-dir")
 
 
 def default_output(src: Path) -> Path:
@@ -68,7 +71,10 @@ def _target(src: Path, dst: Path | None, *, in_place: bool) -> Path:
 def _write(plan: FilePlan | DirPlan, target: Path, *, in_place: bool, progress: ProgressFn | None) -> None:
     if isinstance(plan, DirPlan):
         tracker = Progress(progress, plan.nbytes(in_place=in_place))
-        if in_place:
+        metadata = plan.files.get(_dcp.METADATA) if plan.format == "dcp-dir" else None
+        if isinstance(metadata, _dcp.DcpPlan) and not in_place:  # data files copied first, flushed together
+            _dcp.write_copy(metadata, target, tracker)
+        elif in_place:
             write_dir_in_place(plan, tracker)
         else:
             write_dir(plan, target, tracker)
@@ -140,6 +146,7 @@ def _report(
         renamed=[(str(a), str(b)) for a, b in renamed],
         untouched_count=len(plan.weights) - len(renamed),
         side_renamed_count=plan.side_count,
+        side_renamed=list(getattr(plan, "side_renames", [])),
         in_place=in_place,
         dry_run=dry_run,
     )
@@ -153,6 +160,7 @@ def _report(
         report.renamed_count = len(report.renamed)
         report.untouched_count = sum(e.untouched_count for e in report.entries)
         report.side_renamed_count = sum(e.side_renamed_count for e in report.entries)
+        report.side_renamed = [pair for e in report.entries for pair in e.side_renamed]
     return report
 
 
@@ -162,11 +170,16 @@ def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Chec
     fmt = detect_format(path)
     if fmt == "run-dir":
         return _inspect_run(path, trust_pickle=trust_pickle)
-    if fmt in DIR_FORMATS:
+    side: list[str] = []  # wrapped names outside the weights (DeepSpeed's side tables)
+    if fmt == "deepspeed-dir":
+        tensors, metadata, files, side = scan_deepspeed(path, trust_pickle=trust_pickle)
+    elif fmt in DIR_FORMATS:
         tensors, metadata, files = scan_dir(path, fmt, trust_pickle=trust_pickle)
     else:
         tensors, metadata = scan_file(path, trust_pickle=trust_pickle)
         files = [path.name]
+        if fmt == "torch":
+            side = wrapped_side_names(path, trust_pickle=trust_pickle)
     dtypes = Counter(t.dtype for t in tensors)
     info = CheckpointInfo(
         format=fmt,
@@ -174,7 +187,7 @@ def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Chec
         tensor_count=len(tensors),
         parameter_count=sum(t.numel for t in tensors),
         dtypes=dict(sorted(dtypes.items())),
-        wrapped_layers=sorted(wrapped_prefixes(t.name for t in tensors), key=natural_key),
+        wrapped_layers=sorted(wrapped_prefixes([*(t.name for t in tensors), *side]), key=natural_key),
         metadata=metadata,
         files=files,
         tensors=tensors,

@@ -204,15 +204,35 @@ def scan(path: Path, *, trust_pickle: bool = False) -> tuple[list[TensorInfo], d
     tensors = [TensorInfo(str(k), *tensor_meta(v)) for k, v in main_state_dict(tf.parsed.root)]
     metadata: dict[str, Any] = {}
     for key, value in mapping_items(tf.parsed.root) or ():
-        if key == "random_ltd":  # save_state_dict's {"state_dict": ..., "random_ltd": metadata}
-            saved = mapping_items(value)
-            if saved is None:
-                metadata["random_ltd"] = value
-            else:
-                metadata.update({str(k): v for k, v in saved if isinstance(k, str) and isinstance(v, str)})
+        if key == "random_ltd":
+            _random_ltd_entry(value, metadata)
         elif isinstance(key, str) and isinstance(value, (str, int, float, bool)):
             metadata[str(key)] = value
     return tensors, plain_metadata(metadata)
+
+
+def _random_ltd_entry(value: Any, metadata: dict[str, Any]) -> None:
+    """A top-level ``random_ltd`` entry: ours (``{"random_ltd": settings JSON}`` from save_state_dict)
+    or DeepSpeed's scheduler state (``{"current_value": 16, ...}``; ``None`` when its random-LTD was off)."""
+    saved = mapping_items(value)
+    if saved is None:
+        if value is not None:
+            metadata["random_ltd"] = value
+        return
+    if saved and all(isinstance(k, str) and isinstance(v, str) for k, v in saved):
+        metadata.update({str(k): v for k, v in saved})
+    else:  # DeepSpeed's RandomLTDScheduler.state_dict(): plain numbers under string keys
+        state = {str(k): v for k, v in saved if isinstance(k, str) and isinstance(v, (int, float, bool, str))}
+        metadata["deepspeed_random_ltd_state"] = state
+
+
+def wrapped_side_names(path: Path, *, trust_pickle: bool = False) -> list[str]:
+    """Names with a ``random_ltd_layer`` segment outside the state dicts (e.g. DeepSpeed's side tables)."""
+    tf = read_torch(path, trust_pickle=trust_pickle)
+    try:
+        return [old for old, _ in plan_renames(tf.parsed.root).side_renames]
+    except ValueError:  # a name stored in a way strip cannot rewrite: strip reports it
+        return []
 
 
 # --- stripping --------------------------------------------------------------------------
@@ -235,6 +255,10 @@ class TorchPlan:
     @property
     def side_count(self) -> int:
         return self.renames.side_count
+
+    @property
+    def side_renames(self) -> list[tuple[str, str]]:
+        return self.renames.side_renames
 
     @property
     def changed(self) -> bool:

@@ -24,7 +24,16 @@ from typing import Any
 from ..keys import rename_keys, strip_key
 from ._pickle import Global, Instance, Persistent, PStr, children, mapping_items
 
-__all__ = ["CONTAINER_KEYS", "TreeRenames", "is_tensor", "main_state_dict", "plan_renames", "tensor_meta", "walk"]
+__all__ = [
+    "CONTAINER_KEYS",
+    "TreeRenames",
+    "is_tensor",
+    "main_state_dict",
+    "plan_renames",
+    "size_shape",
+    "tensor_meta",
+    "walk",
+]
 
 CONTAINER_KEYS = ("state_dict", "module", "model", "model_state_dict", "current_model_state", "model_state")
 """Keys under which checkpoints nest the model's state dict, in order of preference."""
@@ -81,6 +90,12 @@ class TreeRenames:
     def side_count(self) -> int:
         """Names renamed outside state dicts (side tables, module metadata)."""
         return len(self._side - self._weight)
+
+    @property
+    def side_renames(self) -> list[tuple[str, str]]:
+        """``(old, new)`` of the names renamed outside state dicts, each pair once, in file order."""
+        pairs = (self.subs[pos] for pos in sorted(self._side - self._weight))
+        return list(dict.fromkeys((str(old), new) for old, new in pairs))
 
 
 def walk(root: Any) -> Iterator[Any]:
@@ -206,6 +221,11 @@ def tensor_meta(node: Any) -> tuple[str, tuple[int, ...]]:
 
 def _dtype_name(node: Any) -> str:
     return node.name if isinstance(node, Global) and node.module == "torch" else "unknown"
+
+
+def size_shape(node: Any) -> tuple[int, ...]:
+    """The dimensions of a pickled ``torch.Size`` (or plain tuple) record; ``()`` if unclear."""
+    return _shape(node)
 
 
 def _shape(node: Any) -> tuple[int, ...]:

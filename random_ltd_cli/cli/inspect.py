@@ -123,6 +123,8 @@ def _info_table(info: Any, data: dict[str, Any]) -> Table:
         table.add_row("dtypes", escape(", ".join(f"{k}: {v}" for k, v in data["dtypes"].items())))
     wrapped = list(info.wrapped_layers)
     table.add_row("wrapped layers", escape(", ".join(wrapped)) if wrapped else "none (plain checkpoint)")
+    if isinstance(info.metadata, dict) and isinstance(info.metadata.get("note"), str):
+        table.add_row("note", escape(info.metadata["note"]))  # e.g. a ZeRO-3 or DCP folder: how to consolidate
     settings = info.metadata.get("random_ltd") if isinstance(info.metadata, dict) else None
     if isinstance(settings, dict):
         for key, value in settings.items():

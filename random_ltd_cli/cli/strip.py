@@ -210,6 +210,8 @@ def _render(report: StripReport) -> None:
     if report.dry_run:
         for old, new in report.renamed:
             print(f"{old} -> {new}")
+        for old, new in report.side_renamed:  # DeepSpeed's side tables, module metadata
+            print(f"{old} -> {new} (side table)")
         where = "in place" if report.in_place else f"to {report.output}"
         note(f"Dry run: would rename {_names(report)} in {report.source} and write {where}; nothing was written.")
         return
