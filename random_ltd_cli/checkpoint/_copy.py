@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ._io import Progress, copy_range, write_at
 
-__all__ = ["FICLONE", "clone", "copy_file", "copy_patched", "overwrite"]
+__all__ = ["FICLONE", "clone", "copy_file", "copy_patched", "overwrite", "size_changed"]
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int) from <linux/fs.h>
 
@@ -50,17 +50,18 @@ def _open(path: Path) -> int:
     return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
 
-def _changed(path: Path) -> CheckpointError:
+def size_changed(path: Path) -> CheckpointError:
+    """The error for an input that another program resized while strip copied it."""
     return CheckpointError(f"{path} changed size while it was being copied; retry when nothing else writes to it.")
 
 
 def _copy_whole(src: int, dst: int, size: int, path: Path, progress: Progress | None) -> str:
     """Copy ``size`` bytes (the whole of ``src``) into the empty ``dst``; return the method used."""
     if os.fstat(src).st_size != size:
-        raise _changed(path)
+        raise size_changed(path)
     if size > 0 and clone(src, dst):
         if os.fstat(dst).st_size != size:
-            raise _changed(path)
+            raise size_changed(path)
         if progress is not None:
             progress.advance(size)
         return "clone"

@@ -20,7 +20,7 @@ from ..errors import CheckpointError, KeyCollisionError
 from ..keys import rename_keys, strip_key
 from ._atomic import patch_in_place
 from ._common import TensorInfo, plain_metadata
-from ._copy import copy_patched
+from ._copy import copy_patched, size_changed
 from ._io import Progress, copy_range, write_at
 
 __all__ = ["Header", "SafetensorsPlan", "plan_strip", "read_header", "scan"]
@@ -201,7 +201,7 @@ class SafetensorsPlan:
         src = os.open(self.source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
             if os.fstat(src).st_size != self.header.file_size:
-                raise CheckpointError(f"{self.source} changed size while it was being stripped; retry.")
+                raise size_changed(self.source)
             copy_range(src, out, self.header.data_start, len(self.new_header), data_len, progress)
         finally:
             os.close(src)
