@@ -91,9 +91,17 @@ def test_fast_path_matches_the_typer_command(tmp_path: Path, plain_state) -> Non
     assert code == 1 and err.startswith("Error: the output folder")
 
 
-def test_a_real_strip_imports_no_torch_typer_or_rich(tmp_path: Path, plain_state) -> None:
-    save_file({k: v.clone() for k, v in wrap_keys(plain_state).items()}, str(tmp_path / "w.safetensors"))
-    code, out, err = cli("strip", "w.safetensors", cwd=tmp_path, python=("-X", "importtime"))
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pt"])
+def test_a_real_strip_imports_no_torch_typer_or_rich(tmp_path: Path, plain_state, name: str) -> None:
+    """What ``random-ltd strip`` imports before its first byte: the checkpoint package and the stdlib only."""
+    state = {k: v.clone() for k, v in wrap_keys(plain_state).items()}
+    if name.endswith(".pt"):
+        import torch
+
+        torch.save(state, tmp_path / name)
+    else:
+        save_file(state, str(tmp_path / name))
+    code, out, err = cli("strip", name, cwd=tmp_path, python=("-X", "importtime"))
     assert code == 0 and out.startswith("Stripped ")
     loaded = set(re.findall(r"^import time:.*\|\s+([\w.]+)$", err, flags=re.MULTILINE))
     assert "random_ltd_cli.checkpoint._copy" in loaded
