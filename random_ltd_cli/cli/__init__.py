@@ -7,6 +7,7 @@ start-up), and builds the Typer ``app`` only for everything else.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -35,9 +36,13 @@ def __getattr__(name: str) -> Any:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (it ends the process, like Typer's standalone mode)."""
     from ._strip_run import fast_main
 
     if fast_main(sys.argv[1:]):
-        return
+        # The output is written, fsynced and renamed, and the report printed: flush it and skip the
+        # interpreter's teardown (freeing every module), a noticeable part of a short strip's time.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     _load_app()(prog_name="random-ltd")
