@@ -15,6 +15,9 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+"""Reference results, committed: a run writes here only when asked (``--json benchmarks/results/NAME.json``)."""
+LOCAL = RESULTS / "local"
+"""Where a run writes by default (ignored by git), so the reference results are never overwritten."""
 
 
 def sync(device: str) -> None:
@@ -58,7 +61,7 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def write_json(name: str, payload: dict[str, Any], path: str | None = None) -> Path:
-    out = Path(path) if path else RESULTS / f"{name}.json"
+    out = Path(path) if path else LOCAL / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     return out

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps, output to a temp dir")
-    p.add_argument("--json", dest="json_path", default=None, help="default benchmarks/results/quality.json")
+    p.add_argument("--json", dest="json_path", default=None, help="default benchmarks/results/local/quality.json")
     p.add_argument("--img-dir", default=None, help="where the PNGs go (default docs/img)")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="no training: recompute the table and plots from the runs saved in PATH")  # fmt: skip

@@ -238,7 +238,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="paired rounds (default 7)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp folder)")
     parser.add_argument("--reflink-dir", type=Path, default=None, help="also run in this folder (a reflink fs)")
-    parser.add_argument("--json", type=Path, default=RESULTS / "strip_throughput.json", help="where to write results")
+    parser.add_argument("--json", type=Path, default=RESULTS / "local" / "strip_throughput.json",
+                        help="where to write results (default: results/local/, never the committed reference)")
     args = parser.parse_args()
 
     compile_package()

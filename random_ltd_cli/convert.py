@@ -102,7 +102,13 @@ def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
         out: list[int] = []
         for part in text.split(","):
             match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*|\s*(-?\d+)\s*", part)
-            if match is None or (match.group(1) is not None and int(match.group(2)) < int(match.group(1))):
+            if match is not None and match.group(1) is not None and int(match.group(2)) < int(match.group(1)):
+                lo, hi = match.group(2), match.group(1)
+                raise ConfigError(
+                    f"layers={spec!r}: the range {part.strip()!r} is reversed (it ends before it starts); "
+                    f"write it low-high, e.g. '{lo}-{hi}'."
+                )
+            if match is None:
                 raise ConfigError(
                     f"layers={spec!r} is not a layer selection: use 'middle', 'all', a range such as '1-10' "
                     "or a list such as '1,3,5' (indices among the matched layers)."

@@ -9,10 +9,12 @@ has them, without network access. Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,7 @@ def _import_module(module_part: str) -> Any:
         finally:
             sys.path.remove(str(path.resolve().parent))
         return module
+    _working_folder_on_path()
     try:
         return importlib.import_module(module_part)
     except ModuleNotFoundError as exc:
@@ -105,6 +108,13 @@ def _import_module(module_part: str) -> Any:
         ) from None
     except Exception as exc:
         raise TargetImportError(f"importing module {module_part!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _working_folder_on_path() -> None:
+    """Import from the working folder first, as ``python -m`` does (console scripts do not)."""
+    cwd = os.getcwd()
+    if not any(entry in ("", ".", cwd) for entry in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def _suggest(obj: Any, name: str) -> str:
@@ -135,6 +145,7 @@ def resolve_model(target: str, init: dict[str, Any] | None = None) -> Any:
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         config_class = getattr(obj, "config_class", None)
         if config_class is not None and init and _is_hf_model_class(obj):
+            _check_config_keys(config_class, init, target)
             return obj(_call_checked(config_class, init, f"{config_class.__name__} (config of {target!r})"))
         return _call_checked(obj, init, target)
     if callable(obj) and not isinstance(obj, type):
@@ -155,13 +166,43 @@ def _call_checked(fn: Any, kwargs: dict[str, Any], what: str) -> Any:
     try:
         inspect.signature(fn).bind(**kwargs)
     except TypeError as exc:
-        raise ConfigError(f"--init does not fit {what}: {exc}; its signature is {_signature(fn)}.") from None
+        hint = ""
+        with contextlib.suppress(TypeError, ValueError):
+            known = list(inspect.signature(fn).parameters)
+            hint = "".join(_close(key, known) for key in kwargs if key not in known)
+        raise ConfigError(f"--init does not fit {what}: {exc}{hint}; its signature is {_signature(fn)}.") from None
     except ValueError:
         pass  # no signature to check (builtins): let the call decide
     try:
         return fn(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"building {what} with --init {json.dumps(kwargs)} failed: {exc}") from exc
+
+
+def _close(key: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=3)
+    return f" ({key!r}: did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _check_config_keys(config_class: Any, init: dict[str, Any], target: str) -> None:
+    """Refuse ``--init`` keys that a Hugging Face config would silently keep as unknown attributes."""
+    try:
+        known = set(config_class().to_dict()) | set(inspect.signature(config_class).parameters)
+        known |= set(getattr(config_class, "attribute_map", {}) or {}) | {"attn_implementation", "torch_dtype"}
+        for base in config_class.__mro__:
+            if "__init__" in vars(base):
+                known |= set(inspect.signature(base.__init__).parameters) - {"self", "kwargs"}
+    except Exception:  # a config that cannot be built without arguments: let the call decide
+        return
+    unknown = [key for key in init if key not in known]
+    if unknown:
+        hints = "".join(_close(key, sorted(known)) for key in unknown)
+        raise ConfigError(
+            f"--init key {', '.join(repr(k) for k in unknown)} is not a setting of {config_class.__name__} "
+            f"(config of {target!r}){hints}; check the spelling against the config's documentation."
+        )
 
 
 def _signature(fn: Any) -> str:

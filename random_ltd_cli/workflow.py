@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TargetImportError
+from .outputs import check_output, output_format, same_file, untied, write_folder
 
-__all__ = ["ConvertResult", "ModelReport", "convert_target", "describe_target", "load_weights_strict"]
+__all__ = ["ConvertResult", "ModelReport", "ScheduleOptions", "convert_target", "describe_target",
+           "load_weights_strict"]
 
 METADATA_KEY = "random_ltd"
 
@@ -72,6 +74,21 @@ def _build(target: str, init: dict[str, Any] | None) -> Any:
     from .target import resolve_model
 
     return resolve_model(target, init)
+
+
+def _build_shapes_only(target: str, init: dict[str, Any] | None) -> Any:
+    """The model on the meta device (shapes, no memory, no init time) when it builds there; else on CPU."""
+    import torch
+
+    if not Path(target).is_dir():
+        try:
+            with torch.device("meta"):
+                return _build(target, init)
+        except (TargetImportError, ConfigError):
+            raise
+        except Exception:  # a model that cannot be built without data: build it for real
+            pass
+    return _build(target, init)
 
 
 def load_weights_strict(model: Any, state: dict[str, Any], source: str) -> None:
@@ -136,15 +153,64 @@ def _convert(
     )
 
 
-def _deepspeed(ds_config: str | None, batch_size: int) -> tuple[Any, Any]:
-    """The parsed DeepSpeed block and its scheduler (batch size ``batch_size`` when the file has none)."""
+@dataclass
+class ScheduleOptions:
+    """The schedule flags shared by ``inspect`` and ``convert`` (``None``: the default)."""
+
+    steps: int | None = None
+    seq_len: int | None = None
+    min_value: int | None = None
+    require_steps: int | None = None
+    seq_per_step: int | None = None
+    batch_size: int | None = None
+
+    def given(self) -> list[str]:
+        names = ("seq_len", "min_value", "require_steps", "seq_per_step")
+        return ["--" + n.replace("_", "-") for n in names if getattr(self, n) is not None]
+
+
+def _read_ds(ds_config: str | None, opts: ScheduleOptions) -> Any:
+    """The parsed DeepSpeed random_ltd block, or None; refuses schedule flags beside it."""
     if not ds_config:
-        return None, None
+        return None
+    if opts.given():
+        raise ConfigError(
+            f"{', '.join(opts.given())} and --ds-config both set the schedule; the config's random_ltd block "
+            "already has one. Drop one of them."
+        )
     from .deepspeed_config import read_deepspeed_config
+
+    return read_deepspeed_config(ds_config)
+
+
+def _schedule(model: Any, report: ModelReport, cfg: Any, opts: ScheduleOptions) -> tuple[Any, str]:
+    """The scheduler (None when S is unknown) and where its batch size came from."""
     from .schedule import RandomLTDScheduler
 
-    cfg = read_deepspeed_config(ds_config)
-    return cfg, RandomLTDScheduler.from_config(cfg, global_batch_size=cfg.global_batch_size or batch_size)
+    if cfg is not None:
+        batch, source = _batch(opts.batch_size, cfg.global_batch_size, "the DeepSpeed config's train_batch_size")
+        return RandomLTDScheduler.from_config(cfg, global_batch_size=batch), source
+    s = opts.seq_len or _max_length(model)
+    if s is None:
+        return None, ""
+    lo = opts.min_value if opts.min_value is not None else max(1, s // 4)
+    batch, source = _batch(opts.batch_size, None, "")
+    sched = RandomLTDScheduler(lo, s, opts.require_steps or opts.steps or DEFAULT_STEPS,
+                               opts.seq_per_step or min(16, lo), total_layer_num=len(report.layers),
+                               random_ltd_layer_num=len(report.wrapped_layers), global_batch_size=batch)
+    return sched, source
+
+
+def _batch(flag: int | None, config: int | None, config_source: str) -> tuple[int, str]:
+    if flag is not None:
+        return flag, "--batch-size"
+    if config:
+        return config, config_source
+    return 1, "assumed; pass --batch-size B for your global batch"
+
+
+DEFAULT_STEPS = 10_000
+"""Steps of the estimate and of the schedule when neither flags nor a DeepSpeed config say."""
 
 
 def describe_target(
@@ -154,38 +220,41 @@ def describe_target(
     layer_type: str | None = None,
     layers: str = "middle",
     ds_config: str | None = None,
-    steps: int = 10_000,
+    steps: int | None = None,
     seq_len: int | None = None,
     min_value: int | None = None,
     require_steps: int | None = None,
-    seq_per_step: int = 16,
-    batch_size: int = 1,
+    seq_per_step: int | None = None,
+    batch_size: int | None = None,
 ) -> ModelReport:
     """The layer stack of the model ``target`` names, what would be wrapped, and a schedule's saving.
 
     The schedule is the DeepSpeed config's when given; otherwise ``min_value`` (default ``S/4``)
     to ``seq_len`` (default: the model config's maximum length) over ``require_steps`` (default
-    ``steps``). ``estimate`` is ``None`` when the sequence length is unknown.
-    """
-    from .schedule import RandomLTDScheduler
+    ``steps``, else 10000). The estimate covers ``steps`` (default: the schedule's
+    ``require_steps``) at ``batch_size`` sequences per step (default: the config's
+    ``train_batch_size``, else 1; the saving does not depend on it). ``estimate`` is ``None``
+    when the sequence length is unknown.
 
-    model = _build(target, init)
-    cfg, sched = _deepspeed(ds_config, batch_size)
-    report = _convert(model, target, layer_type, layers, cfg, sched)  # the model is built for this report only
+    Raises:
+        ConfigError: schedule flags together with ``ds_config``, or an unusable setting.
+    """
+    opts = ScheduleOptions(steps, seq_len, min_value, require_steps, seq_per_step, batch_size)
+    cfg = _read_ds(ds_config, opts)
+    model = _build_shapes_only(target, init)
+    report = _convert(model, target, layer_type, layers, cfg, None)  # built for this report only
+    sched, source = _schedule(model, report, cfg, opts)
     if sched is None:
-        s = seq_len or _max_length(model)
-        if s is None:
-            return report
-        lo = min_value if min_value is not None else max(1, s // 4)
-        sched = RandomLTDScheduler(lo, s, require_steps or steps, min(seq_per_step, lo),
-                                   total_layer_num=len(report.layers),
-                                   random_ltd_layer_num=len(report.wrapped_layers), global_batch_size=batch_size)
+        return report
+    horizon = steps or sched.require_steps
     report.estimate = {
-        "steps": steps,
+        "steps": horizon,
+        "batch_size": sched.global_batch_size,
+        "batch_source": source,
         "schedule": sched.settings(),
-        "layer_tokens": sched.layer_tokens_at(steps),
-        "baseline_layer_tokens": sched.baseline_layer_tokens(steps),
-        "saving": sched.estimated_saving(steps),
+        "layer_tokens": sched.layer_tokens_at(horizon),
+        "baseline_layer_tokens": sched.baseline_layer_tokens(horizon),
+        "saving": sched.estimated_saving(horizon),
     }
     return report
 
@@ -210,28 +279,35 @@ def convert_target(
     ds_config: str | None = None,
     dry_run: bool = False,
     trust_pickle: bool = False,
+    force: bool = False,
+    schedule: ScheduleOptions | None = None,
 ) -> ConvertResult:
     """Build ``target``, load ``weights`` strictly, convert, and (unless ``dry_run``) save to ``output``.
 
-    The output is ``.safetensors`` unless its suffix is ``.pt``/``.pth``/``.bin``/``.ckpt``; the
-    settings go into its metadata under ``"random_ltd"`` (a JSON string). Written atomically.
+    A Hugging Face folder in gives a folder out: ``config.json`` and the other non-weight files
+    copied, the weights in ``model.safetensors`` as ``save_pretrained`` would write them (tied
+    weights once). An import path gives one file: ``.safetensors``, or a torch file for
+    ``.pt``/``.pth``/``.bin``/``.ckpt``. Either way the settings (wrapped layers, schedule, tied
+    names) go into the metadata under ``"random_ltd"`` (a JSON string); the output is written
+    atomically and an existing one is refused unless ``force``.
 
     Raises:
         TargetImportError, ConfigError, ConversionError, CheckpointError: nothing is written.
     """
-    out_path = Path(output) if output is not None else None
-    if out_path is not None and out_path.suffix == "":
-        out_path = out_path.with_suffix(".safetensors")
-    out_format = _output_format(out_path) if out_path is not None else None
-    if out_path is not None and weights is not None and _same_file(out_path, Path(weights)):
-        raise CheckpointError(f"-o {str(out_path)!r} is the --weights file; write the converted state elsewhere.")
+    opts = schedule or ScheduleOptions()
+    folder_in = Path(target).is_dir()
+    if output is not None and weights is not None and same_file(Path(output), Path(weights)):
+        raise CheckpointError(f"-o {str(output)!r} is the --weights file; write the converted state elsewhere.")
+    out_path = check_output(Path(output), folder_in, force) if output is not None else None
+    cfg = _read_ds(ds_config, opts)
     model = _build(target, init)
     if weights is not None:
         from .checkpoint import load_state_dict
 
         load_weights_strict(model, load_state_dict(weights, trust_pickle=trust_pickle), str(weights))
-    cfg, sched = _deepspeed(ds_config, 1)  # the batch size only affects layer-token accounting
-    report = _convert(model, target, layer_type, layers, cfg, sched)
+    report = _convert(model, target, layer_type, layers, cfg, None)
+    sched, _ = _schedule(model, report, cfg, opts)
+    state, tied = untied(model.state_dict())
     settings = {
         "random_ltd_version": __version__,
         "target": target,
@@ -240,29 +316,19 @@ def convert_target(
         "wrapped_layers": report.wrapped_layers,
         "total_layer_num": len(report.layers),
         "schedule": sched.settings() if sched is not None else None,
+        "tied_weights": tied,
     }
     result = ConvertResult(**{**asdict(report), "layers": report.layers}, dry_run=dry_run,
                            weights=str(weights) if weights is not None else None, settings=settings)
     if out_path is not None and not dry_run:
-        from .checkpoint import save_state_dict
+        metadata = {"format": "pt", METADATA_KEY: json.dumps(settings)}
+        if folder_in:
+            write_folder(Path(target), out_path, state, metadata)
+            result.output_format = "hf-dir"
+        else:
+            from .checkpoint import save_state_dict
 
-        save_state_dict(dict(model.state_dict()), out_path, metadata={METADATA_KEY: json.dumps(settings)})
-        result.output, result.output_format = str(out_path), out_format
+            save_state_dict(state, out_path, metadata=metadata)
+            result.output_format = output_format(out_path)
+        result.output = str(out_path)
     return result
-
-
-def _output_format(path: Path) -> str:
-    from .checkpoint import TORCH_SUFFIXES
-
-    if path.suffix.lower() in TORCH_SUFFIXES:
-        return "torch"
-    if path.suffix.lower() in (".safetensors", ""):
-        return "safetensors"
-    raise ConfigError(f"-o {str(path)!r}: unknown file type {path.suffix!r}; use .safetensors (default) or .pt.")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,34 @@ def test_quality_benchmark_smoke(tmp_path: Path) -> None:
     assert all(len(runs) == 2 for runs in data["runs"].values())
     assert "| baseline |" in out.stdout
     assert (tmp_path / "quality_loss_vs_time.png").is_file() == HAS_MATPLOTLIB
+
+
+# -- issue 10: interrupts leave nothing; progress without a terminal -------------------------
+
+
+def test_demo_interrupt_leaves_nothing_and_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from random_ltd_cli.demo import run as demo_module
+
+    real = demo_module.save_and_prove
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)  # the checkpoint and its stripped copy are on disk by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "save_and_prove", interrupted)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["demo", "--tiny", "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 130 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: interrupted; nothing was written to {out} (outputs are moved there only at the end)."
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even the folder it created
+
+
+def test_demo_progress_lines_without_a_terminal(demo_run: tuple[Any, Path]) -> None:
+    result, _ = demo_run
+    lines = [ln for ln in result.stderr.splitlines() if ": step " in ln]
+    assert [ln.split(",")[0] for ln in lines if ln.startswith("baseline")] == [
+        f"baseline: step {s}/20" for s in range(2, 21, 2)
+    ]
+    assert re.fullmatch(r"random-LTD: step 20/20, loss \d+\.\d{3}, \d+s elapsed", lines[-1])

@@ -96,10 +96,20 @@ def atomic_file(dst: Path, *, mode_like: Path | None = None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def atomic_path(dst: Path) -> Iterator[Path]:
-    """Like :func:`atomic_file`, for writers that take a path: yield the temporary file's path."""
-    with _temp_beside(Path(dst), None) as (_, tmp):
+def atomic_path(dst: Path, *, mode_like: Path | None = None) -> Iterator[Path]:
+    """Like :func:`atomic_file`, for writers that take a path: yield the temporary file's path.
+
+    The writer may replace the file at that path with a new one (``safetensors.torch.save_file``
+    does), so the file found there afterwards is the one that gets the mode and the fsync.
+    """
+    with _temp_beside(Path(dst), mode_like) as (_, tmp):
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            os.fchmod(fd, (os.stat(mode_like).st_mode & 0o777) if mode_like is not None else _default_mode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

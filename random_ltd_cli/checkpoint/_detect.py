@@ -10,14 +10,14 @@ from ..errors import CheckpointError
 from . import _safetensors, _torch
 from ._common import FilePlan, TensorInfo
 from ._deepspeed_dir import is_deepspeed_dir
-from ._hf_dir import is_hf_dir
+from ._run import is_hf_weights_dir, run_entries
 
 __all__ = ["FORMATS", "detect_format", "file_format", "plan_file", "scan_file"]
 
-FORMATS = ("safetensors", "torch", "hf-dir", "deepspeed-dir")
+FORMATS = ("safetensors", "torch", "hf-dir", "deepspeed-dir", "run-dir")
 _WHAT = (
     "expected a .safetensors file, a torch.save file (.pt, .pth, .bin, .ckpt), "
-    "a Hugging Face model folder or a DeepSpeed checkpoint folder"
+    "a Hugging Face model folder, a DeepSpeed checkpoint folder or a folder of checkpoints"
 )
 
 
@@ -42,7 +42,7 @@ def file_format(path: Path) -> str:
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """One of ``"safetensors"``, ``"torch"``, ``"hf-dir"``, ``"deepspeed-dir"``.
+    """One of ``"safetensors"``, ``"torch"``, ``"hf-dir"``, ``"deepspeed-dir"``, ``"run-dir"``.
 
     Raises:
         CheckpointError: the path does not exist or is not a checkpoint.
@@ -53,8 +53,10 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if path.is_dir():
         if is_deepspeed_dir(path):
             return "deepspeed-dir"
-        if is_hf_dir(path):
+        if is_hf_weights_dir(path):
             return "hf-dir"
+        if run_entries(path):
+            return "run-dir"  # several checkpoints: each is handled on its own, never merged
         raise CheckpointError(f"{path} is a folder without checkpoint files; {_WHAT}. Pass one of those.")
     return file_format(path)
 

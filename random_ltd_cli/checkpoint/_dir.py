@@ -20,11 +20,12 @@ from ._atomic import atomic_dir, atomic_file, new_file
 from ._common import FilePlan, TensorInfo
 from ._copy import copy_file
 from ._deepspeed_dir import deepspeed_files, model_state_files
-from ._detect import plan_file, scan_file
+from ._detect import detect_format, file_format, plan_file, scan_file
 from ._hf_dir import hf_weight_files, indexes, renamed_index
 from ._io import Progress, write_all
+from ._run import run_entries
 
-__all__ = ["DirPlan", "plan_dir", "scan_dir", "write_dir", "write_dir_in_place"]
+__all__ = ["DirPlan", "RunEntry", "plan_dir", "plan_run", "scan_dir", "write_dir", "write_dir_in_place"]
 
 
 @dataclass
@@ -91,6 +92,42 @@ def plan_dir(root: Path, fmt: str, *, trust_pickle: bool) -> DirPlan:
         if any(k != v for k, v in renames.items()):
             plan.rewrites[index.name] = content
     return plan
+
+
+@dataclass
+class RunEntry:
+    """One checkpoint of a run folder: its name in the folder, its format and its own plan."""
+
+    name: str
+    format: str
+    plan: FilePlan | DirPlan
+    entries: list[RunEntry] = field(default_factory=list)  # a run folder inside the run folder
+
+
+def plan_run(root: Path, *, trust_pickle: bool) -> tuple[DirPlan, list[RunEntry]]:
+    """Plan the strip of every checkpoint in a run folder, each on its own; one plan writes them all.
+
+    Other files (logs, configs, optimizer states) are copied unchanged by :func:`write_dir`.
+    """
+    plan = DirPlan("run-dir", root)
+    entries = []
+    for path in run_entries(root):
+        if path.is_dir():
+            fmt = detect_format(path)
+            nested: list[RunEntry] = []
+            if fmt == "run-dir":
+                sub, nested = plan_run(path, trust_pickle=trust_pickle)
+            else:
+                sub = plan_dir(path, fmt, trust_pickle=trust_pickle)
+            plan.files.update({f"{path.name}/{rel}": p for rel, p in sub.files.items()})
+            plan.rewrites.update({f"{path.name}/{rel}": c for rel, c in sub.rewrites.items()})
+        else:
+            fmt = file_format(path)
+            file_plan = plan_file(path, trust_pickle=trust_pickle)
+            plan.files[path.name] = file_plan
+            nested = []
+        entries.append(RunEntry(path.name, fmt, sub if path.is_dir() else file_plan, nested))
+    return plan, entries
 
 
 def write_dir(plan: DirPlan, dst: Path, progress: Progress | None = None) -> None:

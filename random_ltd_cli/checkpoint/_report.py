@@ -26,6 +26,7 @@ class StripReport:
         wrote: whether a file or folder was written.
         in_place: whether the input itself was (or would be) rewritten.
         dry_run: whether this was a dry run.
+        entries: for a run folder (``"run-dir"``), one report per checkpoint inside, in order.
     """
 
     format: str
@@ -37,6 +38,7 @@ class StripReport:
     wrote: bool = False
     in_place: bool = False
     dry_run: bool = False
+    entries: list[StripReport] = field(default_factory=list)
     renamed_count: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +57,7 @@ class StripReport:
             "in_place": self.in_place,
             "dry_run": self.dry_run,
             "renamed": [list(pair) for pair in self.renamed],
+            **({"checkpoints": [e.to_dict() for e in self.entries]} if self.entries else {}),
         }
 
 
@@ -73,6 +76,12 @@ class CheckpointInfo:
             torch checkpoint; ``metadata["random_ltd"]`` holds recorded random-LTD settings, parsed.
         files: the weights files (and indexes) that were read, relative to ``path`` for folders.
         tensors: every weight tensor's name, dtype and shape.
+        kind: what wrote a folder (``trainer-checkpoint``, ``accelerate-checkpoint``, ``peft-adapter``,
+            ``lightning-checkpoints``, ``hf-model``, ``deepspeed``, ``run``); ``"file"`` for a file.
+        side_files: a folder's other top-level files and what they are (``"optimizer state"``,
+            ``"RNG state"``, ``"training arguments"``...); copied unchanged by strip.
+        entries: for a run folder (``"run-dir"``), each checkpoint inside, inspected on its own (the
+            totals above add them up; nothing is merged).
     """
 
     format: str
@@ -84,6 +93,9 @@ class CheckpointInfo:
     metadata: dict[str, Any]
     files: list[str]
     tensors: list[TensorInfo] = field(default_factory=list, repr=False)
+    kind: str = "file"
+    side_files: dict[str, str] = field(default_factory=dict)
+    entries: list[CheckpointInfo] = field(default_factory=list)
 
     def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
         """A JSON-ready dict; ``tensors=True`` adds the per-tensor list."""
@@ -96,7 +108,11 @@ class CheckpointInfo:
             "wrapped_layers": list(self.wrapped_layers),
             "metadata": self.metadata,
             "files": list(self.files),
+            "kind": self.kind,
+            "side_files": dict(self.side_files),
         }
+        if self.entries:
+            out["checkpoints"] = [e.to_dict(tensors=tensors) for e in self.entries]
         if tensors:
             out["tensors"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.tensors]
         return out

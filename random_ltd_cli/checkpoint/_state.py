@@ -74,6 +74,14 @@ def load_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     """Implementation of :func:`random_ltd_cli.checkpoint.load_state_dict`."""
     path = Path(path)
     fmt = detect_format(path)
+    if fmt == "run-dir":
+        from ._run import run_entries
+
+        names = [p.name for p in run_entries(path)]
+        raise CheckpointError(
+            f"{path} holds {len(names)} separate checkpoints ({', '.join(names[:4])}{'...' if len(names) > 4 else ''}),"
+            " not one model; pass one of them."
+        )
     if fmt == "deepspeed-dir":
         files = model_state_files(path)
         if len(files) != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -11,17 +12,28 @@ from ..keys import wrapped_prefixes
 from ._atomic import atomic_file
 from ._common import FilePlan
 from ._detect import detect_format, plan_file, scan_file
-from ._dir import DirPlan, plan_dir, scan_dir, write_dir, write_dir_in_place
+from ._dir import DirPlan, RunEntry, plan_dir, plan_run, scan_dir, write_dir, write_dir_in_place
 from ._io import Progress, ProgressFn
 from ._report import CheckpointInfo, StripReport
+from ._run import checkpoint_default_output, folder_kind, natural_key, run_entries, side_files
 
 __all__ = ["default_output", "inspect", "strip"]
 
-DIR_FORMATS = ("hf-dir", "deepspeed-dir")
+DIR_FORMATS = ("hf-dir", "deepspeed-dir", "run-dir")
 
 
 def default_output(src: Path) -> Path:
-    """Where a strip writes without ``-o``: ``model.stripped.safetensors``, ``ckpt-dir.stripped``."""
+    """Where a strip writes without ``-o``: ``model.stripped.safetensors``, ``ckpt-dir.stripped``.
+
+    A checkpoint that a trainer rotates or resumes from goes outside the trainer's folder, under
+    the same name: ``out/checkpoint-500`` -> ``out.stripped/checkpoint-500``, ``checkpoints/last.ckpt``
+    -> ``checkpoints.stripped/last.ckpt`` (Accelerate's ``checkpoint_N`` likewise).
+    """
+    if not src.name:  # "." or ".."
+        src = Path(os.path.abspath(src))
+    managed = checkpoint_default_output(src)
+    if managed is not None:
+        return managed
     if src.is_dir() or not src.suffix:
         return src.with_name(f"{src.name}.stripped")
     return src.with_name(f"{src.stem}.stripped{src.suffix}")
@@ -48,7 +60,7 @@ def _target(src: Path, dst: Path | None, *, in_place: bool) -> Path:
         )
     if src.is_dir() and target.resolve().is_relative_to(src.resolve()):
         raise CheckpointError(f"the output {target} is inside the input folder {src}; choose an output outside it.")
-    if not target.parent.is_dir():
+    if not target.parent.is_dir() and (dst is not None or target.parent.exists()):
         raise CheckpointError(f"the output folder {target.parent} does not exist; create it or choose another -o.")
     return target
 
@@ -81,11 +93,45 @@ def strip(
     source = Path(src)
     fmt = detect_format(source)
     target = _target(source, None if dst is None else Path(dst), in_place=in_place)
-    plan: FilePlan | DirPlan = (
-        plan_dir(source, fmt, trust_pickle=trust_pickle)
-        if fmt in DIR_FORMATS
-        else plan_file(source, trust_pickle=trust_pickle)
-    )
+    entries: list[RunEntry] = []
+    plan: FilePlan | DirPlan
+    if fmt == "run-dir":
+        plan, entries = plan_run(source, trust_pickle=trust_pickle)
+    elif fmt in DIR_FORMATS:
+        plan = plan_dir(source, fmt, trust_pickle=trust_pickle)
+    else:
+        plan = plan_file(source, trust_pickle=trust_pickle)
+    report = _report(fmt, source, target, plan, entries, in_place=in_place, dry_run=dry_run)
+    explicit_copy = dst is not None and not in_place  # "-o OUT" always leaves a result at OUT
+    if dry_run or not (plan.changed or explicit_copy):
+        return report
+    made = None if target.parent.exists() else target.parent  # a default output's X.stripped/ folder
+    try:
+        if made is not None:
+            made.mkdir()
+        _write(plan, target, in_place=in_place, progress=progress)
+    except BaseException:
+        if made is not None:
+            with contextlib.suppress(OSError):
+                made.rmdir()  # only if still empty
+        raise
+    report.output, report.wrote = target, True
+    _mark_written(report, target)
+    return report
+
+
+def _mark_written(report: StripReport, target: Path) -> None:
+    """A run folder is written whole: every checkpoint in it is there, stripped or copied."""
+    for entry in report.entries:
+        entry.output, entry.wrote = target / entry.source.name, True
+        _mark_written(entry, target / entry.source.name)
+
+
+def _report(
+    fmt: str, source: Path, target: Path, plan: FilePlan | DirPlan, entries: list[RunEntry], *,
+    in_place: bool, dry_run: bool,
+) -> StripReport:
+    """The report of one plan; for a run folder, one report per checkpoint and their totals."""
     renamed = [(old, new) for old, new in plan.weights.items() if old != new]
     report = StripReport(
         format=fmt,
@@ -97,11 +143,16 @@ def strip(
         in_place=in_place,
         dry_run=dry_run,
     )
-    explicit_copy = dst is not None and not in_place  # "-o OUT" always leaves a result at OUT
-    if dry_run or not (plan.changed or explicit_copy):
-        return report
-    _write(plan, target, in_place=in_place, progress=progress)
-    report.output, report.wrote = target, True
+    if entries:
+        report.entries = [
+            _report(e.format, source / e.name, target / e.name, e.plan, e.entries, in_place=in_place,
+                    dry_run=dry_run)
+            for e in entries
+        ]
+        report.renamed = [pair for e in report.entries for pair in e.renamed]
+        report.renamed_count = len(report.renamed)
+        report.untouched_count = sum(e.untouched_count for e in report.entries)
+        report.side_renamed_count = sum(e.side_renamed_count for e in report.entries)
     return report
 
 
@@ -109,20 +160,59 @@ def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Chec
     """Implementation of :func:`random_ltd_cli.checkpoint.inspect_checkpoint`."""
     path = Path(path)
     fmt = detect_format(path)
+    if fmt == "run-dir":
+        return _inspect_run(path, trust_pickle=trust_pickle)
     if fmt in DIR_FORMATS:
         tensors, metadata, files = scan_dir(path, fmt, trust_pickle=trust_pickle)
     else:
         tensors, metadata = scan_file(path, trust_pickle=trust_pickle)
         files = [path.name]
     dtypes = Counter(t.dtype for t in tensors)
-    return CheckpointInfo(
+    info = CheckpointInfo(
         format=fmt,
         path=path,
         tensor_count=len(tensors),
         parameter_count=sum(t.numel for t in tensors),
         dtypes=dict(sorted(dtypes.items())),
-        wrapped_layers=wrapped_prefixes(t.name for t in tensors),
+        wrapped_layers=sorted(wrapped_prefixes(t.name for t in tensors), key=natural_key),
         metadata=metadata,
         files=files,
         tensors=tensors,
+    )
+    if path.is_dir():
+        info.kind = folder_kind(path, fmt)
+        info.side_files = side_files(path, files)
+    return info
+
+
+def _inspect_entry(path: Path, *, trust_pickle: bool) -> CheckpointInfo:
+    try:
+        return inspect(path, trust_pickle=trust_pickle)
+    except CheckpointError as exc:
+        return CheckpointInfo(format="unreadable", path=path, tensor_count=0, parameter_count=0, dtypes={},
+                              wrapped_layers=[], metadata={"error": str(exc)}, files=[], kind="error")
+
+
+def _inspect_run(path: Path, *, trust_pickle: bool) -> CheckpointInfo:
+    """A run folder: each checkpoint inspected on its own; the totals add them up.
+
+    A checkpoint that cannot be read (e.g. a pickle that needs --trust-pickle) is listed with
+    ``format="unreadable"`` and the reason in ``metadata["error"]``; the others are still shown.
+    """
+    entries = [_inspect_entry(entry, trust_pickle=trust_pickle) for entry in run_entries(path)]
+    dtypes: Counter[str] = Counter()
+    for e in entries:
+        dtypes.update(e.dtypes)
+    return CheckpointInfo(
+        format="run-dir",
+        path=path,
+        tensor_count=sum(e.tensor_count for e in entries),
+        parameter_count=sum(e.parameter_count for e in entries),
+        dtypes=dict(sorted(dtypes.items())),
+        wrapped_layers=sorted({w for e in entries for w in e.wrapped_layers}, key=natural_key),
+        metadata={},
+        files=[e.path.name for e in entries],
+        kind=folder_kind(path, "run-dir"),
+        side_files=side_files(path, [e.path.name for e in entries]),
+        entries=entries,
     )

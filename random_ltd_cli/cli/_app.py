@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import json
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Annotated, NoReturn
@@ -12,18 +15,27 @@ import typer
 from .. import __version__
 from ..errors import RandomLTDError
 
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (SIGINT) or SIGTERM, as shells report a SIGINT death."""
+
 app = typer.Typer(
     name="random-ltd",
     help="Random layerwise token dropping (random-LTD): convert models, inspect and strip checkpoints.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: flags show no '<bool>' value, and --help never imports rich
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 # Options shared by several commands, defined once.
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table (errors too).")
+]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would happen; write nothing.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+
+_json_errors: contextvars.ContextVar[bool] = contextvars.ContextVar("json_errors", default=False)
 
 
 def _version_callback(value: bool) -> None:
@@ -36,27 +48,52 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+        typer.Option("--version", "-V", callback=_version_callback, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """Random layerwise token dropping (random-LTD) for PyTorch and Hugging Face models."""
 
 
-def fail(message: str) -> NoReturn:
-    """Print one ``Error:`` line on stderr and exit with code 1."""
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one ``Error:`` line on stderr (and, under ``--json``, an error object on stdout); exit ``code``."""
     first, *rest = str(message).strip().splitlines() or ["unknown error"]
-    print(f"Error: {' '.join([first, *[r.strip() for r in rest]])}", file=sys.stderr)
-    raise typer.Exit(code=1)
+    line = " ".join([first, *[r.strip() for r in rest]])
+    if _json_errors.get():
+        sys.stdout.write(json.dumps({"error": line, "exit_code": code}) + "\n")
+    print(f"Error: {line}", file=sys.stderr)
+    raise typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM like Ctrl-C, so temporary outputs are removed (main thread only)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous: object = None
+    with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
 
 
 def note(message: str) -> None:
     """A hint or progress line for people: stderr, so stdout stays parseable."""
-    print(message, file=sys.stderr)
+    print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the project's errors (and file-system errors) into one ``Error:`` line and exit code 1."""
+def user_errors(as_json: bool = False, interrupted: str = "nothing was written") -> Iterator[None]:
+    """Turn the project's errors (and file-system errors) into one ``Error:`` line and exit code 1.
+
+    Ctrl-C exits 130 with ``interrupted; {interrupted}.``; under ``as_json`` errors are also a JSON
+    object ``{"error": ..., "exit_code": ...}`` on stdout.
+    """
+    token = _json_errors.set(as_json)
     try:
         yield
     except RandomLTDError as exc:
@@ -68,4 +105,6 @@ def user_errors() -> Iterator[None]:
     except IsADirectoryError as exc:
         fail(f"expected a file but found a directory: {exc.filename or exc}.")
     except KeyboardInterrupt:
-        fail("interrupted; nothing was written to the destination.")
+        fail(f"interrupted; {interrupted}.", code=INTERRUPTED)
+    finally:
+        _json_errors.reset(token)

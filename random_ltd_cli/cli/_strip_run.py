@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -31,16 +32,37 @@ PROGRESS_MIN_BYTES = 64 << 20
 _FLAGS = {"--in-place": "in_place", "--dry-run": "dry_run", "--json": "as_json", "--trust-pickle": "trust_pickle"}
 
 
+NOTHING_WRITTEN = "nothing was written"
+"""What an interrupted strip of one input reports (``interrupted; nothing was written.``)."""
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # as ._app.note, without importing Typer
+
+
+PLAIN_INTERVAL_S = 5.0
+"""Without a terminal, one plain progress line on stderr at most this often."""
+
+
 class _ProgressBar:
-    """A rich progress bar on stderr, started on the first large enough update when stderr is a terminal."""
+    """Progress on stderr for large writes: a rich bar on a terminal, else a plain line every few seconds."""
 
     def __init__(self) -> None:
         self.bar: Progress | None = None
         self.task: TaskID | None = None
-        self.enabled = sys.stderr.isatty()
+        self.enabled = sys.stderr.isatty()  # a rich bar; else plain lines
+        self.started = time.monotonic()
+        self.last_line = self.started
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or total < PROGRESS_MIN_BYTES:
+        if total < PROGRESS_MIN_BYTES:
+            return
+        if not self.enabled:
+            now = time.monotonic()
+            if now - self.last_line >= PLAIN_INTERVAL_S or done >= total:
+                self.last_line = now
+                _note(f"stripping: {_gib(done)} of {_gib(total)} GiB ({done / max(total, 1):.0%}), "
+                     f"{now - self.started:.0f}s elapsed")
             return
         if self.bar is None:
             from rich.console import Console
@@ -72,6 +94,10 @@ class _ProgressBar:
             self.bar.stop()
 
 
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f}"
+
+
 @contextlib.contextmanager
 def _progress_and_signals() -> Iterator[_ProgressBar]:
     """A progress bar, and SIGTERM handled like Ctrl-C so temporary files are removed."""
@@ -91,26 +117,48 @@ def _progress_and_signals() -> Iterator[_ProgressBar]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def run(path: Path, output: Path | None, *, in_place: bool, dry_run: bool, trust_pickle: bool) -> StripReport:
-    """The library call behind ``random-ltd strip``, with a progress bar and SIGTERM handling."""
+def run(
+    paths: list[Path], outputs: list[Path | None], *, in_place: bool, dry_run: bool, trust_pickle: bool,
+    written: list[str],
+) -> list[StripReport]:
+    """Check every input, then (unless a dry run) strip each one; ``written`` collects the finished outputs."""
     from ..checkpoint import strip_checkpoint
 
+    kwargs: dict[str, Any] = {"in_place": in_place, "trust_pickle": trust_pickle}
+    # Check every input before writing any output.
+    checked = [strip_checkpoint(p, o, dry_run=True, **kwargs) for p, o in zip(paths, outputs, strict=True)]
+    if dry_run:
+        return checked
+    reports: list[StripReport] = []
     with _progress_and_signals() as bar:
-        return strip_checkpoint(
-            path, output, in_place=in_place, dry_run=dry_run, trust_pickle=trust_pickle, progress=bar
-        )
+        for p, o in zip(paths, outputs, strict=True):
+            reports.append(strip_checkpoint(p, o, progress=bar, **kwargs))
+            if reports[-1].wrote:
+                written.append(str(reports[-1].output))
+    return reports
 
 
-def _note(message: str) -> None:
-    print(message, file=sys.stderr)  # as ._app.note, without importing Typer
-
-
-def render(report: StripReport, as_json: bool) -> None:
-    """Print the result: one line (stdout), notes (stderr), or the JSON report."""
+def render(reports: list[StripReport], as_json: bool) -> None:
+    """Print the results: lines on stdout and notes on stderr, or one JSON document."""
     if as_json:
         from ._render import print_json
 
-        print_json(report.to_dict())
+        print_json(reports[0].to_dict() if len(reports) == 1 else {"format": "list",
+                                                                     "results": [r.to_dict() for r in reports]})
+        return
+    for report in reports:
+        _render(report)
+
+
+def _render(report: StripReport) -> None:
+    if report.entries:
+        for entry in report.entries:
+            _render(entry)
+        if report.dry_run:
+            _note(f"Dry run: {report.source} holds {_plural(len(report.entries), 'checkpoint')}; would write "
+                 f"{'them in place' if report.in_place else report.output}; nothing was written.")
+        elif report.wrote:
+            print(f"Wrote {report.output}: {_plural(len(report.entries), 'checkpoint')}, other files copied.")
         return
     if report.renamed_count == 0 and report.side_renamed_count == 0:
         print(f"Nothing to strip: no name in {report.source} has a 'random_ltd_layer' segment.")
@@ -121,7 +169,7 @@ def render(report: StripReport, as_json: bool) -> None:
         for old, new in report.renamed:
             print(f"{old} -> {new}")
         where = "in place" if report.in_place else f"to {report.output}"
-        _note(f"Dry run: would rename {_names(report)} and write {where}; nothing was written.")
+        _note(f"Dry run: would rename {_names(report)} in {report.source} and write {where}; nothing was written.")
         return
     where = " (in place)" if report.in_place else ""
     print(f"Stripped {_names(report)} from {report.source}: {report.output}{where}")
@@ -183,21 +231,21 @@ def fast_main(argv: list[str]) -> bool:
         return False
     as_json = opts.pop("as_json")
     try:
-        report = run(opts.pop("path"), opts.pop("output"), **opts)
+        reports = run([opts.pop("path")], [opts.pop("output")], written=[], **opts)
     except (Exception, KeyboardInterrupt) as exc:
-        _exit_like_typer(exc)
-    render(report, as_json)
+        _exit_like_typer(exc, as_json)
+    render(reports, as_json)
     return True
 
 
-def _exit_like_typer(exc: BaseException) -> None:
-    """Report ``exc`` exactly as the Typer command does (one ``Error:`` line, exit code 1), or re-raise it."""
+def _exit_like_typer(exc: BaseException, as_json: bool) -> None:
+    """Report ``exc`` exactly as the Typer command does (``Error:`` line, exit code, JSON error), or re-raise it."""
     import typer
 
     from ._app import user_errors
 
     try:
-        with user_errors():
+        with user_errors(as_json, interrupted=NOTHING_WRITTEN):
             raise exc
     except typer.Exit as done:
         raise SystemExit(done.exit_code) from None

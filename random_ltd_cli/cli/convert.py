@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._app import DryRunOption, JsonOption, app, note, user_errors
+from ._app import DryRunOption, ForceOption, JsonOption, app, note, sigterm_as_interrupt, user_errors
 from ._render import layers_table, print_json, stdout_console
 
 InitOption = Annotated[
@@ -35,13 +35,43 @@ TrustPickleOption = Annotated[
 ]
 
 
+ScheduleSteps = Annotated[
+    int | None,
+    typer.Option("--steps", min=1, metavar="N",
+                 help="Steps for the compute-saving estimate (default: the schedule's require_steps, else 10000)."),
+]
+SeqLenOption = Annotated[
+    int | None,
+    typer.Option("--seq-len", min=1, metavar="S", help="Sequence length S (default: the model config's)."),
+]
+MinValueOption = Annotated[
+    int | None, typer.Option("--min-value", min=1, metavar="R", help="Schedule start r (default S/4).")
+]
+RequireStepsOption = Annotated[
+    int | None,
+    typer.Option("--require-steps", min=1, metavar="N", help="Steps for r to reach S (default --steps, else 10000)."),
+]
+SeqPerStepOption = Annotated[
+    int | None,
+    typer.Option("--seq-per-step", min=1, metavar="K", help="r grows in multiples of K (default min(16, start r))."),
+]
+BatchSizeOption = Annotated[
+    int | None,
+    typer.Option("--batch-size", min=1, metavar="B",
+                 help="Global batch size for layer-token counts (default: the DeepSpeed config's, else 1)."),
+]
+
+
 @app.command()
 def convert(
-    target: Annotated[str, typer.Argument(help="package.module:attr, path/to/file.py:attr, or a HF model folder.")],
+    target: Annotated[
+        str, typer.Argument(help="package.module:attr, path/to/file.py:attr, or a HF model folder.", metavar="TARGET")
+    ],
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Where to write the converted state dict (.safetensors, or .pt).",
-                     metavar="OUT"),
+        typer.Option("-o", "--output", metavar="OUT",
+                     help="A HF folder converts to a folder (config and tokenizer files copied, model.safetensors); "
+                          "an import path to one file (.safetensors, or .pt/.pth/.bin/.ckpt for torch.save)."),
     ] = None,
     weights: Annotated[
         Path | None,
@@ -52,21 +82,38 @@ def convert(
     layer_type: LayerTypeOption = None,
     layers: LayersOption = "middle",
     ds_config: DsConfigOption = None,
+    steps: ScheduleSteps = None,
+    seq_len: SeqLenOption = None,
+    min_value: MinValueOption = None,
+    require_steps: RequireStepsOption = None,
+    seq_per_step: SeqPerStepOption = None,
+    batch_size: BatchSizeOption = None,
+    force: ForceOption = False,
     dry_run: DryRunOption = False,
     as_json: JsonOption = False,
     trust_pickle: TrustPickleOption = False,
 ) -> None:
-    """Convert a model to random-LTD and save its state dict with the settings recorded in the file.
+    """Convert a model to random-LTD and save its weights under converted names, with the settings recorded.
 
-    Example: random-ltd convert transformers:GPT2LMHeadModel --init '{"n_layer": 4}' -o gpt2-ltd.safetensors
+    The output holds the model's weights under the names a converted model uses
+    ('h.1.random_ltd_layer.attn...', DeepSpeed's names too) and, in its metadata, the wrapped layers and
+    the schedule (the same flags as inspect, or --ds-config): load it into a model converted the same way
+    to resume training. 'random-ltd strip' turns it back into plain names.
+
+    \b
+    Examples:
+      random-ltd convert transformers:GPT2LMHeadModel --init '{"n_layer": 4}' -o gpt2-ltd.safetensors
+      random-ltd convert my_pkg.models:Net --weights plain.pt -o ltd.safetensors --seq-len 512
+      random-ltd convert gpt2-folder/ -o gpt2-ltd/
     """
     from ..target import parse_init
-    from ..workflow import convert_target
+    from ..workflow import ScheduleOptions, convert_target
 
-    with user_errors():
+    with user_errors(as_json), sigterm_as_interrupt():
         result = convert_target(
             target, output=output, init=parse_init(init), weights=weights, layer_type=layer_type, layers=layers,
             ds_config=str(ds_config) if ds_config else None, dry_run=dry_run, trust_pickle=trust_pickle,
+            force=force, schedule=ScheduleOptions(steps, seq_len, min_value, require_steps, seq_per_step, batch_size),
         )
     if as_json:
         print_json(_json(result))

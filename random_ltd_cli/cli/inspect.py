@@ -12,44 +12,58 @@ from rich.table import Table
 
 from ._app import JsonOption, app, fail, user_errors
 from ._render import human_count, layers_table, print_json, stdout_console
-from .convert import DsConfigOption, InitOption, LayersOption, LayerTypeOption, TrustPickleOption
+from .convert import (
+    BatchSizeOption,
+    DsConfigOption,
+    InitOption,
+    LayersOption,
+    LayerTypeOption,
+    MinValueOption,
+    RequireStepsOption,
+    ScheduleSteps,
+    SeqLenOption,
+    SeqPerStepOption,
+    TrustPickleOption,
+)
 
 
 @app.command()
 def inspect(
     target: Annotated[
         str | None,
-        typer.Argument(help="A checkpoint file or folder, or a model import path (default: checkpoints here)."),
+        typer.Argument(help="A checkpoint file or folder (a run folder lists each checkpoint), or a model import "
+                            "path (default: the working folder).", metavar="TARGET"),
     ] = None,
     as_json: JsonOption = False,
     init: InitOption = None,
     layer_type: LayerTypeOption = None,
     layers: LayersOption = "middle",
     ds_config: DsConfigOption = None,
-    steps: Annotated[int, typer.Option("--steps", help="Steps for the compute-saving estimate.", min=1)] = 10_000,
-    seq_len: Annotated[
-        int | None, typer.Option("--seq-len", help="Sequence length S (default: the model config's).", min=1)
-    ] = None,
-    min_value: Annotated[
-        int | None, typer.Option("--min-value", help="Schedule start r (default S/4).", min=1)
-    ] = None,
-    require_steps: Annotated[
-        int | None, typer.Option("--require-steps", help="Steps to reach S (default --steps).", min=1)
-    ] = None,
+    steps: ScheduleSteps = None,
+    seq_len: SeqLenOption = None,
+    min_value: MinValueOption = None,
+    require_steps: RequireStepsOption = None,
+    seq_per_step: SeqPerStepOption = None,
+    batch_size: BatchSizeOption = None,
     trust_pickle: TrustPickleOption = False,
 ) -> None:
     """Show a checkpoint's format, tensors and wrapped layers, or a model's layer stack and the saving of a schedule.
 
-    Examples: random-ltd inspect model.safetensors; random-ltd inspect transformers:GPT2LMHeadModel --init '{}'
+    \b
+    Examples:
+      random-ltd inspect model.safetensors
+      random-ltd inspect out/                  (a Trainer output_dir: each checkpoint)
+      random-ltd inspect transformers:GPT2LMHeadModel --init '{"n_layer": 4}' --ds-config ds.json
     """
     from ..target import is_import_path
 
-    with user_errors():
+    with user_errors(as_json):
         if target is None:
-            _show_listing(Path.cwd(), as_json, trust_pickle)
+            _show_checkpoint(Path.cwd(), as_json, trust_pickle, here=True)
         elif not Path(target).exists() and is_import_path(target):
             _show_model(target, as_json, init=init, layer_type=layer_type, layers=layers, ds_config=ds_config,
-                        steps=steps, seq_len=seq_len, min_value=min_value, require_steps=require_steps)
+                        steps=steps, seq_len=seq_len, min_value=min_value, require_steps=require_steps,
+                        seq_per_step=seq_per_step, batch_size=batch_size)
         elif Path(target).exists():
             _show_checkpoint(Path(target), as_json, trust_pickle)
         else:
@@ -57,73 +71,79 @@ def inspect(
 
 
 def _checkpoint_json(info: Any) -> dict[str, Any]:
-    data = {
-        "format": info.format,
-        "path": str(info.path),
-        "tensor_count": info.tensor_count,
-        "parameter_count": info.parameter_count,
-        "wrapped_layers": list(info.wrapped_layers),
-        "metadata": info.metadata,
-    }
-    for extra in ("dtypes", "files"):
-        if hasattr(info, extra):
-            data[extra] = getattr(info, extra)
-    return json.loads(json.dumps(data, default=str))
+    return json.loads(json.dumps(info.to_dict(), default=str))
 
 
-def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool) -> None:
+def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool, here: bool = False) -> None:
     from ..checkpoint import inspect_checkpoint
+    from ..errors import CheckpointError
 
-    info = inspect_checkpoint(path, trust_pickle=trust_pickle)
+    try:
+        info = inspect_checkpoint(path, trust_pickle=trust_pickle)
+    except CheckpointError:
+        if here:
+            fail(f"no checkpoints found in {str(path)!r}: pass a checkpoint file or folder, or a model import path.")
+        raise
     data = _checkpoint_json(info)
     if as_json:
         print_json(data)
         return
-    table = Table(title=escape(f"{path} ({info.format})"), title_justify="left", show_header=False)
+    console = stdout_console()
+    if info.entries:
+        console.print(_run_table(info))
+        for e in info.entries:
+            if e.format == "unreadable":
+                console.print(escape(f"{e.path.name}: {e.metadata['error']}"), soft_wrap=True)
+    else:
+        console.print(_info_table(info, data))
+    if info.side_files:
+        other = ", ".join(f"{name} ({role})" for name, role in info.side_files.items())
+        console.print(escape(f"other files (copied unchanged by strip): {other}"), soft_wrap=True)
+
+
+def _kind(info: Any, short: bool = False) -> str:
+    if info.kind in ("file", "hf-model", "deepspeed", "run", "error"):
+        return info.format
+    return info.kind if short else f"{info.format}, {info.kind}"
+
+
+def _info_table(info: Any, data: dict[str, Any]) -> Table:
+    table = Table(title=escape(f"{info.path} ({_kind(info)})"), title_justify="left", show_header=False)
     table.add_column("field")
     table.add_column("value")
     table.add_row("tensors", str(info.tensor_count))
     table.add_row("parameters", f"{human_count(info.parameter_count)} ({info.parameter_count})")
     if data.get("dtypes"):
-        table.add_row("dtypes", escape(json.dumps(data["dtypes"])))
+        table.add_row("dtypes", escape(", ".join(f"{k}: {v}" for k, v in data["dtypes"].items())))
     wrapped = list(info.wrapped_layers)
     table.add_row("wrapped layers", escape(", ".join(wrapped)) if wrapped else "none (plain checkpoint)")
     settings = info.metadata.get("random_ltd") if isinstance(info.metadata, dict) else None
-    if settings:
-        table.add_row("random-LTD settings", escape(json.dumps(settings)))
-    stdout_console().print(table)
+    if isinstance(settings, dict):
+        for key, value in settings.items():
+            if key == "wrapped_layers":
+                continue  # shown above
+            shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+            table.add_row(escape(f"random-LTD {key}"), escape(str(shown)))
+    elif settings:
+        table.add_row("random-LTD settings", escape(str(settings)))
+    return table
 
 
-def _show_listing(folder: Path, as_json: bool, trust_pickle: bool) -> None:
-    from ..checkpoint import TORCH_SUFFIXES, detect_format, inspect_checkpoint
-    from ..errors import RandomLTDError
+def _run_table(info: Any) -> Table:
+    count = f"{len(info.entries)} checkpoint{'s' if len(info.entries) != 1 else ''}"
+    table = Table(title=escape(f"{info.path} ({_kind(info)}): {count}"), title_justify="left")
+    for col in ("checkpoint", "format or kind", "tensors", "parameters", "wrapped layers"):
+        table.add_column(col, no_wrap=col in ("checkpoint", "format or kind"))
+    for e in info.entries:
+        wrapped = list(e.wrapped_layers)
+        shown = f"{len(wrapped)} ({_span(wrapped)})" if wrapped else "none"
+        table.add_row(escape(e.path.name), escape(_kind(e, short=True)), str(e.tensor_count),
+                      human_count(e.parameter_count), escape(shown))
+    return table
 
-    rows = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_dir():
-            try:
-                detect_format(entry)
-            except RandomLTDError:
-                continue  # not a checkpoint folder
-        elif entry.suffix.lower() not in (".safetensors", *TORCH_SUFFIXES):
-            continue
-        try:
-            rows.append(_checkpoint_json(inspect_checkpoint(entry, trust_pickle=trust_pickle)))
-        except RandomLTDError as exc:
-            rows.append({"format": "unreadable", "path": str(entry), "error": str(exc), "wrapped_layers": []})
-    if as_json:
-        wrapped = sorted({p for r in rows for p in r.get("wrapped_layers", [])})
-        print_json({"format": "listing", "path": str(folder), "checkpoints": rows, "wrapped_layers": wrapped})
-        return
-    if not rows:
-        fail(f"no checkpoints found in {str(folder)!r}: pass a checkpoint file or folder, or a model import path.")
-    table = Table(title=escape(f"checkpoints in {folder}"), title_justify="left")
-    for col in ("path", "format", "tensors", "parameters", "wrapped layers"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(escape(Path(r["path"]).name), r["format"], str(r.get("tensor_count", "-")),
-                      human_count(r.get("parameter_count", 0)), str(len(r.get("wrapped_layers", []))))
-    stdout_console().print(table)
+
+def _span(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
 
 
 def _show_model(target: str, as_json: bool, **options: Any) -> None:
@@ -146,7 +166,10 @@ def _show_model(target: str, as_json: bool, **options: Any) -> None:
         return
     sch = est["schedule"]
     console.print(
-        f"Schedule r = {sch['min_value']} -> {sch['max_value']} over {sch['require_steps']} steps: over "
-        f"{est['steps']} steps random-LTD processes {human_count(est['layer_tokens'])} layer-tokens instead of "
-        f"{human_count(est['baseline_layer_tokens'])}, an estimated compute saving of {est['saving']:.1%}."
+        f"Schedule: r from {sch['min_value']} to {sch['max_value']} over {sch['require_steps']} steps "
+        f"(in multiples of {sch['seq_per_step']}). Over {est['steps']} steps of {est['batch_size']} "
+        f"sequence{'s' if est['batch_size'] != 1 else ''} ({est['batch_source']}), random-LTD processes "
+        f"{human_count(est['layer_tokens'])} layer-tokens instead of {human_count(est['baseline_layer_tokens'])}: "
+        f"an estimated compute saving of {est['saving']:.1%} in the layer stack.",
+        soft_wrap=True,
     )

@@ -7,8 +7,12 @@ that the random-LTD checkpoint strips back to plain weights.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +24,7 @@ from .data import batch_offsets, eval_windows, load_corpus
 from .proof import CheckpointProof, save_and_prove
 from .train import Arm, ArmResult, StepCallback, TrainConfig, train_arms
 
-__all__ = ["ARMS", "DEFAULT_STEPS", "FILES", "DemoConfig", "DemoResult", "prepare_out_dir", "run_demo"]
+__all__ = ["ARMS", "DEFAULT_STEPS", "FILES", "DemoConfig", "DemoResult", "machine", "prepare_out_dir", "run_demo"]
 
 #: The two arms: identical model, data and LR schedule; only token dropping differs.
 ARMS: tuple[Arm, Arm] = (Arm("baseline", random_ltd=False), Arm("random-LTD", random_ltd=True))
@@ -139,7 +143,23 @@ class DemoResult:
             "corpus": self.corpus,
             "history": {arm.name: arm.to_dict() for arm in (self.baseline, self.random_ltd)},
             "proof": self.proof.to_dict(),
+            "machine": machine(),
         }
+
+
+def machine() -> dict[str, Any]:
+    """What the timings were measured on: CPU count, torch threads, platform, CPU model."""
+    import platform
+
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cuda": torch.cuda.is_available(),
+    }
 
 
 def prepare_out_dir(path: Path | str) -> Path:
@@ -176,7 +196,9 @@ def run_demo(
 
     Args:
         config: e.g. :meth:`DemoConfig.default` or :meth:`DemoConfig.tiny`.
-        out_dir: the folder for the files in :data:`FILES` (created if needed).
+        out_dir: the folder for the files in :data:`FILES` (created if needed). They are written
+            into a temporary folder inside it and moved into place at the end: an error or
+            Ctrl-C leaves ``out_dir`` as it was (and removes it if this call created it).
         on_step: ``(arm name, step, train loss)`` after each step of each arm.
         on_note: receives lines for people (e.g. why the plot was skipped).
 
@@ -185,7 +207,40 @@ def run_demo(
         CheckpointError: a checkpoint cannot be written or read.
     """
     started = time.perf_counter()
+    created = not Path(out_dir).exists()
     out = prepare_out_dir(out_dir)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".random-ltd-demo-", suffix=".tmp"))
+    try:
+        result = _run(config, out, stage, on_step, on_note)
+        result.total_seconds = time.perf_counter() - started
+        _publish(stage, out, result)
+    except BaseException:  # an error or Ctrl-C: leave nothing behind, not even a folder we made
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    return result
+
+
+def _publish(stage: Path, out: Path, result: DemoResult) -> None:
+    """Move the finished files from ``stage`` into ``out`` (each an atomic rename), results.json last."""
+    for key in ("checkpoint", "stripped", "plot"):
+        if (stage / FILES[key]).exists():
+            os.replace(stage / FILES[key], out / FILES[key])
+    result.proof = dataclasses.replace(result.proof, checkpoint=out / FILES["checkpoint"],
+                                       stripped=out / FILES["stripped"])
+    result.plot = None if result.plot is None else out / FILES["plot"]
+    result.out_dir = out
+    (stage / FILES["results"]).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    os.replace(stage / FILES["results"], out / FILES["results"])
+
+
+def _run(
+    config: DemoConfig, out: Path, stage: Path, on_step: StepCallback | None, on_note: NoteCallback | None
+) -> DemoResult:
+    """Train, plot, save and prove, writing every file into ``stage``."""
     cfg = config.train
     corpus = load_corpus(config.corpus_root, max_bytes=config.max_bytes)
     if on_note is not None:
@@ -196,11 +251,11 @@ def run_demo(
     offsets = batch_offsets(corpus.train.numel(), cfg.steps, cfg.batch_size, cfg.seq_len, cfg.seed)
     eval_offsets = eval_windows(corpus.eval, cfg.eval_sequences, cfg.seq_len)
     base_run, ltd_run = train_arms(cfg, corpus, list(ARMS), offsets, eval_offsets, on_step)
-    plot_path, skipped = _plot(out, base_run.result, ltd_run.result)
+    plot_path, skipped = _plot(stage, base_run.result, ltd_run.result)
     if skipped and on_note is not None:
         on_note(skipped)
     proof = save_and_prove(
-        ltd_run.model, ltd_run.scheduler, cfg.seed, out / FILES["checkpoint"], out / FILES["stripped"]
+        ltd_run.model, ltd_run.scheduler, cfg.seed, stage / FILES["checkpoint"], stage / FILES["stripped"]
     )
     result = DemoResult(
         config=config,
@@ -219,8 +274,6 @@ def run_demo(
         plot_skipped=skipped,
         total_seconds=0.0,
     )
-    result.total_seconds = time.perf_counter() - started
-    (out / FILES["results"]).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 

@@ -218,8 +218,9 @@ def test_interrupt_leaves_nothing(st_file: Path, tmp_path: Path, monkeypatch, un
     monkeypatch.setattr(_copy, "clone", lambda src, dst: False)  # the same on file systems that share extents
     monkeypatch.setattr(_copy, "copy_range", interrupted)
     check = untouched(st_file)
-    line = error_line(run(st_file))
-    assert line == "Error: interrupted; nothing was written to the destination."
+    result = run(st_file)
+    assert result.exit_code == 130 and result.stdout == ""  # 130: how shells report a Ctrl-C
+    assert result.stderr == "Error: interrupted; nothing was written.\n"
     check()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"] and not leftovers(tmp_path)
 
@@ -275,3 +276,16 @@ def test_progress_bar_draws_on_stderr_only(capsys: pytest.CaptureFixture[str]) -
     assert bar.bar is not None
     bar.close()
     assert capsys.readouterr().out == ""
+
+
+def test_plain_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 10, problem 8: without a terminal nothing showed progress
+    from random_ltd_cli.cli.strip import PROGRESS_MIN_BYTES, _ProgressBar
+
+    bar = _ProgressBar()
+    bar.enabled = False  # as when stderr is a pipe or a log file
+    bar(PROGRESS_MIN_BYTES // 2, 2 * PROGRESS_MIN_BYTES)  # under the interval: no line yet
+    bar(2 * PROGRESS_MIN_BYTES, 2 * PROGRESS_MIN_BYTES)  # the end always gets a line
+    bar.close()
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "stripping: 0.12 of 0.12 GiB (100%), 0s elapsed\n"

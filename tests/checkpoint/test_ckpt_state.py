@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,34 @@ def test_legacy_and_protocol_4_files(tmp_path: Path, plain_state) -> None:
     with pytest.raises(UnsafePickleError, match="weights_only=True.*--trust-pickle"):
         load_state_dict(p4)
     load_strict(load_state_dict(p4, trust_pickle=True), plain_state)
+
+
+# --- issue 10, problem 7: the safetensors save path --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["x.safetensors", "x.pt"])
+def test_saved_files_follow_the_umask(tmp_path: Path, name: str) -> None:
+    # safetensors outputs were created 0600 while .pt outputs followed the umask
+    old = os.umask(0o022)
+    try:
+        save_state_dict({"a": torch.zeros(3)}, tmp_path / name)
+        save_state_dict({"a": torch.zeros(3)}, tmp_path / name)  # replacing keeps the rule
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
+
+
+def test_the_renamed_safetensors_file_is_the_fsynced_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # save_file replaces the temporary path with a new inode: the fsync must reach that one
+    from random_ltd_cli.checkpoint import _atomic
+
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(_atomic.os, "fsync", fsync)
+    save_state_dict({"a": torch.ones(4)}, tmp_path / "x.safetensors")
+    assert os.stat(tmp_path / "x.safetensors").st_ino in synced
