@@ -30,11 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from strip_throughput import GNU_TIME, run_child  # one child-process timer for both strip benchmarks
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.25
 TARGET_RSS_MIB = 256
 TENSORS = 16
-GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
 
 _WRITE = """
 import sys, torch
@@ -51,20 +52,6 @@ dcp.save(state, storage_writer=FileSystemWriter(path, thread_count=4))
 def write_dcp(path: Path, size: int) -> None:
     """A DCP folder written by torch itself, in a child (this process stays small and torch-free)."""
     subprocess.run([sys.executable, "-W", "ignore", "-c", _WRITE, str(size), str(path), str(TENSORS)], check=True)
-
-
-def run_child(argv: list[str], scratch: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
-    report = scratch / "rss.txt"
-    launcher = [GNU_TIME, "-f", "%M", "-o", str(report)] if GNU_TIME else []
-    start = time.perf_counter()
-    proc = subprocess.Popen([*launcher, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{argv} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    kib = int(report.read_text().split()[-1]) if GNU_TIME else usage.ru_maxrss
-    return elapsed, kib * 1024
 
 
 def fsync_tree(root: Path) -> None:
