@@ -18,10 +18,11 @@ from ..errors import CheckpointError
 from ..keys import strip_key
 from ._atomic import atomic_dir, atomic_file, new_file
 from ._common import FilePlan, TensorInfo
+from ._copy import copy_file
 from ._deepspeed_dir import deepspeed_files, model_state_files
 from ._detect import detect_format, file_format, plan_file, scan_file
 from ._hf_dir import hf_weight_files, indexes, renamed_index
-from ._io import Progress, copy_range, write_all
+from ._io import Progress, write_all
 from ._run import run_entries
 
 __all__ = ["DirPlan", "RunEntry", "plan_dir", "plan_run", "scan_dir", "write_dir", "write_dir_in_place"]
@@ -129,15 +130,6 @@ def plan_run(root: Path, *, trust_pickle: bool) -> tuple[DirPlan, list[RunEntry]
     return plan, entries
 
 
-def _copy_file(src: Path, dst: Path, progress: Progress | None) -> None:
-    with new_file(dst, mode_like=src) as out:
-        fd = os.open(src, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        try:
-            copy_range(fd, out, 0, 0, os.fstat(fd).st_size, progress)
-        finally:
-            os.close(fd)
-
-
 def write_dir(plan: DirPlan, dst: Path, progress: Progress | None = None) -> None:
     """Write the stripped folder to ``dst`` (which must not exist, or be empty)."""
     root = plan.source
@@ -157,7 +149,8 @@ def write_dir(plan: DirPlan, dst: Path, progress: Progress | None = None) -> Non
                     with new_file(out, mode_like=src) as fd:
                         write_all(fd, plan.rewrites[rel])
                 elif src.is_file():
-                    _copy_file(src, out, progress)
+                    with new_file(out, mode_like=src) as fd:
+                        copy_file(src, fd, progress=progress)
 
 
 def write_dir_in_place(plan: DirPlan, progress: Progress | None = None) -> None:

@@ -20,6 +20,7 @@ from ..errors import CheckpointError, KeyCollisionError
 from ..keys import rename_keys, strip_key
 from ._atomic import patch_in_place
 from ._common import TensorInfo, plain_metadata
+from ._copy import copy_patched, size_changed
 from ._io import Progress, copy_range, write_at
 
 __all__ = ["Header", "SafetensorsPlan", "plan_strip", "read_header", "scan"]
@@ -184,7 +185,15 @@ class SafetensorsPlan:
         return len(self.new_header) + self.header.file_size - self.header.data_start
 
     def write(self, out: int, progress: Progress | None = None) -> None:
-        """Write the new header, then copy the data region (in the kernel where possible)."""
+        """Write the stripped file to the empty ``out``.
+
+        When the new header has the old length (always, unless re-encoding made it longer),
+        the whole input is copied from offset 0 (page-aligned, or shared extents) and the
+        header overwritten; otherwise the header is written and the data copied after it.
+        """
+        if len(self.new_header) == self.header.data_start:
+            copy_patched(self.source, out, [(0, self.new_header)], size=self.header.file_size, progress=progress)
+            return
         write_at(out, self.new_header, 0)
         if progress is not None:
             progress.advance(len(self.new_header))
@@ -192,7 +201,7 @@ class SafetensorsPlan:
         src = os.open(self.source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
             if os.fstat(src).st_size != self.header.file_size:
-                raise CheckpointError(f"{self.source} changed size while it was being stripped; retry.")
+                raise size_changed(self.source)
             copy_range(src, out, self.header.data_start, len(self.new_header), data_len, progress)
         finally:
             os.close(src)

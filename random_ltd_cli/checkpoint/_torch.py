@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import CheckpointError, KeyCollisionError, UnsafePickleError
 from ._common import TensorInfo, plain_metadata
+from ._copy import copy_patched
 from ._io import Progress, copy_range, pread_exact, write_at
 from ._pickle import Global, Parsed, Persistent, PickleError, mapping_items, parse, substitute
 from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta, walk
@@ -245,20 +246,22 @@ class TorchPlan:
         return self.tf.size - (len(self.tf.pickle) - len(self.new_pickle) if self.tf.kind == "legacy" else 0)
 
     def write(self, out: int, progress: Progress | None = None) -> None:
-        """Write the stripped checkpoint to the empty file ``out``."""
+        """Write the stripped checkpoint to the empty file ``out``.
+
+        zip: the whole input copied from offset 0 (page-aligned, or shared extents), then the
+        planned writes over it. legacy: the pickle shrinks, so the storages after it move.
+        """
+        if self.tf.kind == "zip":
+            copy_patched(self.source, out, self.patches, size=self.tf.size, progress=progress)
+            return
         src = os.open(self.source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
-            if self.tf.kind == "zip":
-                copy_range(src, out, 0, 0, self.tf.size, progress)
-                for offset, data in self.patches:
-                    write_at(out, data, offset)
-            else:
-                start, end = self.tf.parsed.start, self.tf.parsed.end
-                copy_range(src, out, 0, 0, start, progress)
-                write_at(out, self.new_pickle, start)
-                if progress is not None:
-                    progress.advance(len(self.new_pickle))
-                copy_range(src, out, end, start + len(self.new_pickle), self.tf.size - end, progress)
+            start, end = self.tf.parsed.start, self.tf.parsed.end
+            copy_range(src, out, 0, 0, start, progress)
+            write_at(out, self.new_pickle, start)
+            if progress is not None:
+                progress.advance(len(self.new_pickle))
+            copy_range(src, out, end, start + len(self.new_pickle), self.tf.size - end, progress)
         finally:
             os.close(src)
 

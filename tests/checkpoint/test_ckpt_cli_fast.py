@@ -1,0 +1,109 @@
+"""The strip fast path (no Typer at start-up): same results, same errors, and a lean import list."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from random_ltd_cli.cli import app
+from random_ltd_cli.cli._strip_run import parse_plain
+
+from .ckpt_helpers import wrap_keys
+
+P = Path
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["strip", "a"], {"paths": [P("a")], "output": None}),
+        (["strip", "a", "-o", "b", "--json"], {"paths": [P("a")], "output": P("b"), "as_json": True}),
+        (["strip", "--output=b", "a", "--trust-pickle"], {"paths": [P("a")], "output": P("b"), "trust_pickle": True}),
+        (["strip", "-ob", "--dry-run", "a"], {"paths": [P("a")], "output": P("b"), "dry_run": True}),
+        (["strip", "--in-place", "--", "-a"], {"paths": [P("-a")], "output": None, "in_place": True}),
+        (["strip"], None),
+        (["strip", "a", "--help"], None),
+        (["strip", "a", "b"], {"paths": [P("a"), P("b")], "output": None}),  # several inputs, run folders
+        (["strip", "a", "-o"], None),
+        (["strip", "a", "-o", "--json"], None),
+        (["strip", "a", "--json", "--json"], None),
+        (["strip", "a", "--in-place", "-o", "b"], None),
+        (["strip", "a", "--bogus"], None),
+        (["strip", ""], None),
+        (["--version"], None),
+        (["inspect", "a"], None),
+    ],
+)
+def test_parse_plain(argv: list[str], expected: dict[str, Any] | None) -> None:
+    flags = {"in_place": False, "dry_run": False, "as_json": False, "trust_pickle": False}
+    assert parse_plain(argv) == (None if expected is None else {**flags, **expected})
+
+
+def cli(*args: str, cwd: Path, python: tuple[str, ...] = ()) -> tuple[int, str, str]:
+    """``python [python] -m random_ltd_cli [args]`` in ``cwd``: exit code, stdout, stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, *python, "-m", "random_ltd_cli", *args]
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env, check=False)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_fast_path_matches_the_typer_command(tmp_path: Path, plain_state) -> None:
+    """Each command line through ``python -m`` (fast path) and through the Typer app: same everything."""
+    save_file({k: v.clone() for k, v in wrap_keys(plain_state).items()}, str(tmp_path / "w.safetensors"))
+    save_file({k: v.clone() for k, v in plain_state.items() if k != "lm_head.weight"}, str(tmp_path / "p.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
+    runs = [
+        ["strip", "w.safetensors"],
+        ["strip", "w.safetensors", "-o", "out.safetensors", "--json"],
+        ["strip", "w.safetensors", "--dry-run"],
+        ["strip", "p.safetensors", "-o", "copy.safetensors"],
+        ["strip", "bad.safetensors"],
+        ["strip", "missing.pt"],
+        ["strip", "w.safetensors", "-o", "no/such/dir/out.safetensors"],
+    ]
+    runner = CliRunner()
+    for argv in runs:
+        typer_dir, fast_dir = tmp_path / "typer", tmp_path / "fast"
+        for d in (typer_dir, fast_dir):
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.copytree(tmp_path, d, ignore=shutil.ignore_patterns("typer", "fast"))
+        old = Path.cwd()
+        os.chdir(typer_dir)
+        try:
+            slow = runner.invoke(app, argv)
+        finally:
+            os.chdir(old)
+        code, out, err = cli(*argv, cwd=fast_dir)
+        assert (code, out, err) == (slow.exit_code, slow.stdout, slow.stderr), argv
+        made = sorted(p.name for p in fast_dir.iterdir())
+        assert made == sorted(p.name for p in typer_dir.iterdir()), argv
+        for name in made:
+            assert (fast_dir / name).read_bytes() == (typer_dir / name).read_bytes(), (argv, name)
+    assert code == 1 and err.startswith("Error: the output folder")
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pt"])
+def test_a_real_strip_imports_no_torch_typer_or_rich(tmp_path: Path, plain_state, name: str) -> None:
+    """What ``random-ltd strip`` imports before its first byte: the checkpoint package and the stdlib only."""
+    state = {k: v.clone() for k, v in wrap_keys(plain_state).items()}
+    if name.endswith(".pt"):
+        import torch
+
+        torch.save(state, tmp_path / name)
+    else:
+        save_file(state, str(tmp_path / name))
+    code, out, err = cli("strip", name, cwd=tmp_path, python=("-X", "importtime"))
+    assert code == 0 and out.startswith("Stripped ")
+    loaded = set(re.findall(r"^import time:.*\|\s+([\w.]+)$", err, flags=re.MULTILINE))
+    assert "random_ltd_cli.checkpoint._copy" in loaded
+    heavy = {"torch", "typer", "pydantic", "rich", "click", "numpy", "safetensors", "transformers"}
+    assert not {m.split(".")[0] for m in loaded} & heavy
