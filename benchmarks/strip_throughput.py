@@ -198,7 +198,7 @@ def run_in(folder: Path | None, size_mib: int, repeats: int) -> dict[str, Any]:
         write_safetensors(st, size_mib << 20)
         pt = work / "model.pt"
         write_torch(pt, st)
-        result["startup_s"] = startup(work, max(5, repeats))
+        result["startup_s"] = startup(work, repeats)
         for fmt, src in (("safetensors", st), ("pt", pt)):
             result["formats"][fmt] = measure(src, work / f"out{src.suffix}", repeats)
     finally:
