@@ -16,7 +16,8 @@ copy has it. Peak RSS comes from GNU time's ``%M``. Also reported: the start-up 
 a small file next to ``python -c pass``. Targets: strip / (cp + sync) <= 1.15, peak RSS <= 64 MiB.
 ``--reflink-dir`` repeats the run in a folder on a file system that shares extents (e.g. a
 loop-mounted ``mkfs.xfs -m reflink=1`` image), where ``cp``, the floor and strip all clone instead
-of copying; there only the seconds mean something.
+of copying; there only the seconds mean something. Results go to
+``benchmarks/results/local/strip_throughput.json`` (never over the committed reference) unless ``--json``.
 
     python benchmarks/strip_throughput.py                 # 2 GiB files, 7 paired repeats
     python benchmarks/strip_throughput.py --reflink-dir /mnt/xfs      # also on a reflink file system

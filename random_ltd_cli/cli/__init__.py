@@ -39,10 +39,13 @@ def main() -> None:
     """Console-script entry point (it ends the process, like Typer's standalone mode)."""
     from ._strip_run import fast_main
 
-    if fast_main(sys.argv[1:]):
+    code = fast_main(sys.argv[1:])
+    if code == 0:
         # The output is written, fsynced and renamed, and the report printed: flush it and skip the
         # interpreter's teardown (freeing every module), a noticeable part of a short strip's time.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    if code is not None:
+        sys.exit(code)  # the Error: line is printed
     _load_app()(prog_name="random-ltd")

@@ -1,11 +1,13 @@
-"""The work of ``random-ltd strip`` without Typer: progress bar, signals, rendering, and a fast path.
+"""The work of ``random-ltd strip`` without Typer: progress, signals, several inputs, rendering, a fast path.
 
 Typer builds a pydantic validator for every parameter, and with rich that is most of a second
 of start-up on a small machine: more than the copy itself takes for a checkpoint of a few GiB.
-So :func:`fast_main` runs a plain ``random-ltd strip PATH [-o OUT] [--in-place] [--dry-run]
-[--json] [--trust-pickle]`` before Typer is imported, with the same library call, output and
-``Error:`` lines. Anything else (``--help``, an unknown or repeated option, a usage error) is
-left to the Typer command in :mod:`.strip`, which calls the same functions.
+So :func:`fast_main` runs a plain ``random-ltd strip PATH... [-o OUT] [--in-place] [--dry-run]
+[--json] [--trust-pickle]`` before Typer is imported. Both it and the Typer command in
+:mod:`.strip` call :func:`execute`, so the library calls, output, ``Error:`` lines, JSON errors
+and exit codes (1, 130) are the same. Anything the fast path does not parse unambiguously
+(``--help``, an unknown or repeated option, a usage error) is left to Typer. Typer is imported
+only to report an error, through the same ``._app.user_errors`` as every other command.
 """
 
 from __future__ import annotations
@@ -24,24 +26,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..checkpoint import StripReport
 
-__all__ = ["PROGRESS_MIN_BYTES", "fast_main", "parse_plain", "render", "run"]
+__all__ = ["PLAIN_INTERVAL_S", "PROGRESS_MIN_BYTES", "execute", "fast_main", "parse_plain", "render", "run"]
 
 PROGRESS_MIN_BYTES = 64 << 20
 """Below this many bytes to write there is no progress bar."""
 
+PLAIN_INTERVAL_S = 5.0
+"""Without a terminal, one plain progress line on stderr at most this often."""
+
 _FLAGS = {"--in-place": "in_place", "--dry-run": "dry_run", "--json": "as_json", "--trust-pickle": "trust_pickle"}
-
-
-NOTHING_WRITTEN = "nothing was written"
-"""What an interrupted strip of one input reports (``interrupted; nothing was written.``)."""
 
 
 def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # as ._app.note, without importing Typer
-
-
-PLAIN_INTERVAL_S = 5.0
-"""Without a terminal, one plain progress line on stderr at most this often."""
 
 
 class _ProgressBar:
@@ -62,7 +59,7 @@ class _ProgressBar:
             if now - self.last_line >= PLAIN_INTERVAL_S or done >= total:
                 self.last_line = now
                 _note(f"stripping: {_gib(done)} of {_gib(total)} GiB ({done / max(total, 1):.0%}), "
-                     f"{now - self.started:.0f}s elapsed")
+                      f"{now - self.started:.0f}s elapsed")
             return
         if self.bar is None:
             from rich.console import Console
@@ -117,29 +114,86 @@ def _progress_and_signals() -> Iterator[_ProgressBar]:
             signal.signal(signal.SIGTERM, previous)
 
 
+class StripStop(Exception):
+    """A failure found by the command itself (not the library); ``interrupted``: exit 130, else 1."""
+
+    def __init__(self, message: str, *, interrupted: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.interrupted = interrupted
+
+
 def run(
-    paths: list[Path], outputs: list[Path | None], *, in_place: bool, dry_run: bool, trust_pickle: bool,
-    written: list[str],
+    paths: list[Path], output: Path | None, *, in_place: bool, dry_run: bool, trust_pickle: bool
 ) -> list[StripReport]:
-    """Check every input, then (unless a dry run) strip each one; ``written`` collects the finished outputs."""
+    """The library calls behind ``random-ltd strip``: check every input, then write each in turn.
+
+    Raises:
+        StripStop: several inputs and ``output`` is not a folder; or interrupted after some output was written.
+        RandomLTDError, OSError, KeyboardInterrupt: as :func:`~random_ltd_cli.checkpoint.strip_checkpoint`.
+    """
     from ..checkpoint import strip_checkpoint
 
+    if len(paths) > 1 and output is not None and not output.is_dir():
+        raise StripStop(f"-o {str(output)!r} must be an existing folder when stripping {len(paths)} inputs; "
+                        "create it, or strip one input at a time.")
     kwargs: dict[str, Any] = {"in_place": in_place, "trust_pickle": trust_pickle}
+    # With several inputs, each goes into the -o folder under its own name.
+    outputs = [output / (p.name or p.resolve().name) if output is not None and len(paths) > 1 else output
+               for p in paths]
     # Check every input before writing any output.
     checked = [strip_checkpoint(p, o, dry_run=True, **kwargs) for p, o in zip(paths, outputs, strict=True)]
     if dry_run:
         return checked
     reports: list[StripReport] = []
-    with _progress_and_signals() as bar:
-        for p, o in zip(paths, outputs, strict=True):
-            reports.append(strip_checkpoint(p, o, progress=bar, **kwargs))
-            if reports[-1].wrote:
-                written.append(str(reports[-1].output))
+    written: list[str] = []
+    try:
+        with _progress_and_signals() as bar:
+            for p, o in zip(paths, outputs, strict=True):
+                reports.append(strip_checkpoint(p, o, progress=bar, **kwargs))
+                if reports[-1].wrote:
+                    written.append(str(reports[-1].output))
+    except KeyboardInterrupt:
+        if not written:
+            raise
+        raise StripStop(f"interrupted; already written: {', '.join(written)}; nothing else was written.",
+                        interrupted=True) from None
     return reports
 
 
+def report_error(exc: BaseException, as_json: bool) -> int:
+    """Print ``exc`` as every command reports errors (``._app.user_errors``); return the exit code.
+
+    Re-raises ``exc`` when it is not a user's error (a bug shows its traceback).
+    """
+    import typer
+
+    from ._app import INTERRUPTED, fail, user_errors
+
+    try:
+        with user_errors(as_json, interrupted="nothing was written"):
+            if isinstance(exc, StripStop):
+                fail(exc.message, code=INTERRUPTED if exc.interrupted else 1)
+            raise exc
+    except typer.Exit as done:
+        return int(done.exit_code)
+    raise exc  # pragma: no cover - user_errors re-raises what it does not handle
+
+
+def execute(
+    paths: list[Path], output: Path | None, *, in_place: bool, dry_run: bool, as_json: bool, trust_pickle: bool
+) -> int:
+    """The whole ``random-ltd strip`` after parsing: strip, print the result or the error; the exit code."""
+    try:
+        reports = run(paths, output, in_place=in_place, dry_run=dry_run, trust_pickle=trust_pickle)
+    except (Exception, KeyboardInterrupt) as exc:
+        return report_error(exc, as_json)
+    render(reports, as_json)
+    return 0
+
+
 def render(reports: list[StripReport], as_json: bool) -> None:
-    """Print the results: lines on stdout and notes on stderr, or one JSON document."""
+    """Print the results: lines on stdout and notes on stderr, or one JSON object."""
     if as_json:
         from ._render import print_json
 
@@ -156,7 +210,7 @@ def _render(report: StripReport) -> None:
             _render(entry)
         if report.dry_run:
             _note(f"Dry run: {report.source} holds {_plural(len(report.entries), 'checkpoint')}; would write "
-                 f"{'them in place' if report.in_place else report.output}; nothing was written.")
+                  f"{'them in place' if report.in_place else report.output}; nothing was written.")
         elif report.wrote:
             print(f"Wrote {report.output}: {_plural(len(report.entries), 'checkpoint')}, other files copied.")
         return
@@ -191,15 +245,15 @@ def parse_plain(argv: list[str]) -> dict[str, Any] | None:
     """The options of a plain ``strip`` command line, or None for anything Typer should handle."""
     if not argv or argv[0] != "strip":
         return None
-    opts: dict[str, Any] = {"path": None, "output": None, **dict.fromkeys(_FLAGS.values(), False)}
+    opts: dict[str, Any] = {"paths": [], "output": None, **dict.fromkeys(_FLAGS.values(), False)}
     seen: set[str] = set()
     rest, positional_only = argv[1:], False
     while rest:
         arg, rest = rest[0], rest[1:]
         if positional_only or arg == "-" or not arg.startswith("-"):
-            if opts["path"] is not None or not arg:
+            if not arg:
                 return None
-            opts["path"] = Path(arg)
+            opts["paths"].append(Path(arg))
             continue
         if arg == "--":
             positional_only = True
@@ -221,33 +275,14 @@ def parse_plain(argv: list[str]) -> dict[str, Any] | None:
             opts[key] = Path(value)
         else:
             return None  # a missing or unusual value: Typer decides
-    if opts["path"] is None or (opts["in_place"] and opts["output"] is not None):
+    if not opts["paths"] or (opts["in_place"] and opts["output"] is not None):
         return None
     return opts
 
 
-def fast_main(argv: list[str]) -> bool:
-    """Run a plain ``strip`` command line without Typer; False (nothing done) for any other."""
+def fast_main(argv: list[str]) -> int | None:
+    """Run a plain ``strip`` command line without Typer and return its exit code; None (nothing done) for any other."""
     opts = parse_plain(argv)
     if opts is None:
-        return False
-    as_json = opts.pop("as_json")
-    try:
-        reports = run([opts.pop("path")], [opts.pop("output")], written=[], **opts)
-    except (Exception, KeyboardInterrupt) as exc:
-        _exit_like_typer(exc, as_json)
-    render(reports, as_json)
-    return True
-
-
-def _exit_like_typer(exc: BaseException, as_json: bool) -> None:
-    """Report ``exc`` exactly as the Typer command does (``Error:`` line, exit code, JSON error), or re-raise it."""
-    import typer
-
-    from ._app import user_errors
-
-    try:
-        with user_errors(as_json, interrupted=NOTHING_WRITTEN):
-            raise exc
-    except typer.Exit as done:
-        raise SystemExit(done.exit_code) from None
+        return None
+    return execute(opts.pop("paths"), opts.pop("output"), **opts)

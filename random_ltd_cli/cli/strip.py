@@ -1,4 +1,7 @@
-"""``random-ltd strip``: remove the ``random_ltd_layer`` segment from a checkpoint's names (no torch here)."""
+"""``random-ltd strip``: remove the ``random_ltd_layer`` segment from a checkpoint's names (no torch here).
+
+The Typer command only parses; :func:`._strip_run.execute` does the work, for it and for the fast path.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,10 @@ from typing import Annotated
 
 import typer
 
-from ._app import INTERRUPTED, DryRunOption, JsonOption, app, fail, user_errors
-from ._strip_run import NOTHING_WRITTEN, PROGRESS_MIN_BYTES, _ProgressBar, render, run
+from ._app import DryRunOption, JsonOption, app
+from ._strip_run import PLAIN_INTERVAL_S, PROGRESS_MIN_BYTES, _ProgressBar, execute
 
-__all__ = ["PROGRESS_MIN_BYTES", "_ProgressBar", "strip"]
+__all__ = ["PLAIN_INTERVAL_S", "PROGRESS_MIN_BYTES", "_ProgressBar", "strip"]
 
 OutputOption = Annotated[
     Path | None,
@@ -67,20 +70,6 @@ def strip(
     """
     if in_place and output is not None:
         raise typer.BadParameter("use either --in-place or -o/--output, not both.", param_hint="'--in-place'")
-    written: list[str] = []
-    with user_errors(as_json, interrupted=NOTHING_WRITTEN):
-        if len(paths) > 1 and output is not None and not output.is_dir():
-            fail(f"-o {str(output)!r} must be an existing folder when stripping {len(paths)} inputs; "
-                 "create it, or strip one input at a time.")
-        # With several inputs, each goes into the -o folder under its own name.
-        outputs = [output / (p.name or p.resolve().name) if output is not None and len(paths) > 1 else output
-                   for p in paths]
-        try:
-            reports = run(paths, outputs, in_place=in_place, dry_run=dry_run, trust_pickle=trust_pickle,
-                          written=written)
-        except KeyboardInterrupt:
-            if not written:
-                raise
-            fail(f"interrupted; already written: {', '.join(written)}; nothing else was written.",
-                 code=INTERRUPTED)
-    render(reports, as_json)
+    code = execute(paths, output, in_place=in_place, dry_run=dry_run, as_json=as_json, trust_pickle=trust_pickle)
+    if code:
+        raise typer.Exit(code)

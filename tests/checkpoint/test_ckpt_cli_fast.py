@@ -25,14 +25,17 @@ P = Path
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["strip", "a"], {"path": P("a"), "output": None}),
-        (["strip", "a", "-o", "b", "--json"], {"path": P("a"), "output": P("b"), "as_json": True}),
-        (["strip", "--output=b", "a", "--trust-pickle"], {"path": P("a"), "output": P("b"), "trust_pickle": True}),
-        (["strip", "-ob", "--dry-run", "a"], {"path": P("a"), "output": P("b"), "dry_run": True}),
-        (["strip", "--in-place", "--", "-a"], {"path": P("-a"), "output": None, "in_place": True}),
+        (["strip", "a"], {"paths": [P("a")], "output": None}),
+        (["strip", "a", "-o", "b", "--json"], {"paths": [P("a")], "output": P("b"), "as_json": True}),
+        (["strip", "--output=b", "a", "--trust-pickle"], {"paths": [P("a")], "output": P("b"), "trust_pickle": True}),
+        (["strip", "-ob", "--dry-run", "a"], {"paths": [P("a")], "output": P("b"), "dry_run": True}),
+        (["strip", "--in-place", "--", "-a"], {"paths": [P("-a")], "output": None, "in_place": True}),
         (["strip"], None),
         (["strip", "a", "--help"], None),
-        (["strip", "a", "b"], None),
+        (["strip", "a", "b"], {"paths": [P("a"), P("b")], "output": None}),  # several inputs, run folders
+        (["strip", "a", "-o", "d", "b", "--", "-c"], {"paths": [P("a"), P("b"), P("-c")], "output": P("d")}),
+        (["strip", "a", "-h"], None),
+        (["strip", "a", "-o=b"], None),
         (["strip", "a", "-o"], None),
         (["strip", "a", "-o", "--json"], None),
         (["strip", "a", "--json", "--json"], None),
@@ -61,7 +64,20 @@ def test_fast_path_matches_the_typer_command(tmp_path: Path, plain_state) -> Non
     save_file({k: v.clone() for k, v in wrap_keys(plain_state).items()}, str(tmp_path / "w.safetensors"))
     save_file({k: v.clone() for k, v in plain_state.items() if k != "lm_head.weight"}, str(tmp_path / "p.safetensors"))
     (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
+    run_dir = tmp_path / "run"  # a run folder of standalone files (issue 10)
+    run_dir.mkdir()
+    shutil.copy(tmp_path / "w.safetensors", run_dir / "a.safetensors")
+    shutil.copy(tmp_path / "p.safetensors", run_dir / "b.safetensors")
+    (run_dir / "results.json").write_text("{}")
+    (tmp_path / "plain").mkdir()
     runs = [
+        ["strip", "w.safetensors", "-o", "no/such/dir/out.safetensors", "--json"],
+        ["strip", "w.safetensors", "p.safetensors", "-o", "missing-folder"],
+        ["strip", "w.safetensors", "p.safetensors", "-o", "missing-folder", "--json"],
+        ["strip", "w.safetensors", "bad.safetensors"],
+        ["strip", "run", "--dry-run"],
+        ["strip", "run", "w.safetensors", "--json"],
+        ["strip", "w.safetensors", "run", "-o", "plain"],
         ["strip", "w.safetensors"],
         ["strip", "w.safetensors", "-o", "out.safetensors", "--json"],
         ["strip", "w.safetensors", "--dry-run"],
@@ -70,6 +86,7 @@ def test_fast_path_matches_the_typer_command(tmp_path: Path, plain_state) -> Non
         ["strip", "missing.pt"],
         ["strip", "w.safetensors", "-o", "no/such/dir/out.safetensors"],
     ]
+    assert all(parse_plain(argv) is not None for argv in runs)
     runner = CliRunner()
     for argv in runs:
         typer_dir, fast_dir = tmp_path / "typer", tmp_path / "fast"
@@ -84,10 +101,11 @@ def test_fast_path_matches_the_typer_command(tmp_path: Path, plain_state) -> Non
             os.chdir(old)
         code, out, err = cli(*argv, cwd=fast_dir)
         assert (code, out, err) == (slow.exit_code, slow.stdout, slow.stderr), argv
-        made = sorted(p.name for p in fast_dir.iterdir())
-        assert made == sorted(p.name for p in typer_dir.iterdir()), argv
+        made = sorted(p.relative_to(fast_dir) for p in fast_dir.rglob("*"))
+        assert made == sorted(p.relative_to(typer_dir) for p in typer_dir.rglob("*")), argv
         for name in made:
-            assert (fast_dir / name).read_bytes() == (typer_dir / name).read_bytes(), (argv, name)
+            if (fast_dir / name).is_file():
+                assert (fast_dir / name).read_bytes() == (typer_dir / name).read_bytes(), (argv, name)
     assert code == 1 and err.startswith("Error: the output folder")
 
 
@@ -107,3 +125,47 @@ def test_a_real_strip_imports_no_torch_typer_or_rich(tmp_path: Path, plain_state
     assert "random_ltd_cli.checkpoint._copy" in loaded
     heavy = {"torch", "typer", "pydantic", "rich", "click", "numpy", "safetensors", "transformers"}
     assert not {m.split(".")[0] for m in loaded} & heavy
+
+
+HARNESS = """
+import os, signal, sys, time
+from random_ltd_cli.checkpoint import _copy
+from random_ltd_cli.cli import _strip_run, main
+copy_range, how = _copy.copy_range, sys.argv[1]
+
+def stop_then_copy(src, dst, *args, **kwargs):
+    if how == "term":  # a real SIGTERM in the middle of the copy
+        os.write(dst, b"partial bytes")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    copy_range(src, dst, *args, **kwargs)
+
+_copy.clone = lambda src, dst: False  # the same on file systems that share extents
+_copy.copy_range = stop_then_copy
+_strip_run.PROGRESS_MIN_BYTES = 0  # as for a large checkpoint
+sys.argv = ["random-ltd", *sys.argv[2:]]
+main()
+raise SystemExit("main() returned: the fast path did not run")
+"""
+
+
+@pytest.mark.parametrize("how", ["term", "plain"])
+def test_fast_path_signals_and_plain_progress(tmp_path: Path, plain_state, how: str) -> None:
+    """Through the fast path: SIGTERM exits 130 leaving nothing; without a terminal, plain progress lines."""
+    save_file({k: v.clone() for k, v in wrap_keys(plain_state).items()}, str(tmp_path / "w.safetensors"))
+    save_file({k: v.clone() for k, v in wrap_keys(plain_state).items()}, str(tmp_path / "v.safetensors"))
+    (tmp_path / "out").mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-c", HARNESS, how, "strip", "w.safetensors", "v.safetensors", "-o", "out"]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, check=False)
+    code, out, err = proc.returncode, proc.stdout, proc.stderr
+    if how == "term":
+        assert (code, out) == (130, "")
+        assert err == "Error: interrupted; nothing was written.\n"
+        assert list((tmp_path / "out").iterdir()) == []
+    else:
+        assert code == 0, err
+        lines = err.splitlines()
+        assert len(lines) == 2 and all(re.fullmatch(r"stripping: [0-9.]+ of [0-9.]+ GiB \(100%\), 0s elapsed", ln)
+                                       for ln in lines), err
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["v.safetensors", "w.safetensors"]
