@@ -9,7 +9,9 @@ One DCP folder of --size-mib is written by ``dcp.save`` (in a child process, 4 w
 
 Each command runs in its own child process, started by GNU time where available (its ``%M`` is the
 command's own peak RSS). Medians are reported with strip / (cp -r + sync); targets: ratio <= 1.25,
-strip peak RSS <= 256 MiB. Results: table on stdout and JSON (default benchmarks/results/strip_dcp.json).
+strip peak RSS <= 256 MiB. Results: table on stdout and JSON (default
+benchmarks/results/local/strip_dcp.json; the committed reference in benchmarks/results/ is never
+overwritten by default).
 
     python benchmarks/strip_dcp.py                                     # 2 GiB, 3 repeats
     python benchmarks/strip_dcp.py --size-mib 8 --repeats 1 --json /tmp/smoke.json   # smoke run
@@ -104,7 +106,8 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=2048, help="checkpoint size (default 2048 = 2 GiB)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command, alternating (default 3)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp folder)")
-    parser.add_argument("--json", type=Path, default=RESULTS / "strip_dcp.json", help="where to write results")
+    parser.add_argument("--json", type=Path, default=RESULTS / "local" / "strip_dcp.json",
+                        help="where to write results (default: results/local/, never the committed reference)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="strip-dcp-bench-", dir=args.dir))
