@@ -22,7 +22,7 @@ __all__ = ["app", "main"]
 def _load_app() -> typer.Typer:
     # Importing the command modules registers their commands on ``app`` (in this order in --help).
     # isort: off
-    from . import convert, inspect, strip, demo  # noqa: F401
+    from . import convert, inspect, check, strip, demo  # noqa: F401
     from ._app import app
 
     # isort: on

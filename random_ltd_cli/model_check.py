@@ -1,0 +1,328 @@
+"""The library call behind ``random-ltd check TARGET``: is every wrapped layer of a model exact?
+
+``check_target`` builds the model a target names (real tensors, the model's own random
+initialisation unless ``weights`` are given), converts it as ``random-ltd convert`` would, feeds
+synthetic batches (:mod:`.synthetic`) and runs the verifier (:func:`random_ltd_cli.verify.verify_random_ltd`)
+once per batch and reserved length ``r``. Each wrapped layer gets one row: ``exact`` (max error),
+``wrong`` (max error, likely cause), ``unverifiable`` (why), ``error`` (the reference call failed),
+``not called``, or ``refused`` when conversion refuses the model. Nothing is written anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ConversionError, RandomLTDError
+from .synthetic import Batch, InputPlan, make_batches, plan_inputs
+
+__all__ = ["CheckReport", "LayerCheck", "check_target", "default_reserved_lengths"]
+
+# Worst first: the status a layer gets is the worst over its runs ("not called" only if never called).
+_SEVERITY = {"error": 0, "wrong": 1, "unverifiable": 2, "not called": 3, "exact": 4}
+
+
+@dataclass
+class LayerCheck:
+    """One wrapped (or refused) layer: the worst verdict over every batch and ``r``."""
+
+    name: str
+    layer_class: str
+    status: str  # exact | wrong | unverifiable | error | not called | refused
+    max_error: float | None = None
+    tolerance: float | None = None
+    cause: str = ""
+    method: str = ""
+    runs: list[dict[str, Any]] = field(default_factory=list)  # one per (batch, r) that called the layer
+
+
+@dataclass
+class CheckReport:
+    target: str
+    model_class: str
+    layer_class: str
+    settings: dict[str, Any]
+    layers: list[LayerCheck]
+    refused: str | None = None  # the conversion's message when it refused the model
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.layers) and self.refused is None and all(r.status == "exact" for r in self.layers)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for row in self.layers:
+            out[row.status] = out.get(row.status, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        """One sentence: how many layers are not exact, by status, with their first names."""
+        if self.refused is not None:
+            return f"conversion refused {self.model_class}: {self.refused}"
+        bad = [r for r in self.layers if r.status != "exact"]
+        if not bad:
+            return f"all {len(self.layers)} wrapped layers of {self.model_class} are exact."
+        parts = []
+        for status in sorted({r.status for r in bad}, key=_SEVERITY.__getitem__):
+            names = [r.name for r in bad if r.status == status]
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            parts.append(f"{len(names)} {status} ({shown})")
+        return (f"{len(bad)} of {len(self.layers)} wrapped layers of {self.model_class} are not exact: "
+                f"{'; '.join(parts)}.")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["counts"] = self.counts()
+        return data
+
+
+def default_reserved_lengths(seq_len: int) -> list[int]:
+    """``S/4``, ``S/2`` and ``S-1`` (those that are at least 1 and below ``S``)."""
+    return sorted({r for r in (seq_len // 4, seq_len // 2, seq_len - 1) if 1 <= r < seq_len})
+
+
+def check_target(
+    target: str,
+    *,
+    init: dict[str, Any] | None = None,
+    weights: str | Path | None = None,
+    trust_pickle: bool = False,
+    layer_type: str | None = None,
+    layers: str = "middle",
+    ds_config: str | None = None,
+    seq_args: dict[str, str] | None = None,
+    stack: str | None = None,
+    shape: tuple[int, ...] | None = None,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    reserved_lengths: list[int] | None = None,
+    seed: int = 0,
+) -> CheckReport:
+    """Build, convert and verify the model ``target`` names (see the module docstring).
+
+    Raises:
+        TargetImportError, ConfigError: the target or a flag is unusable; the model's forward
+            fails on the synthetic batch (the message says which batch and what to pass instead).
+        ConversionError: the model has no layer stack to convert.
+    """
+    import torch
+
+    from .workflow import _build, _layer_type, load_weights_strict
+
+    torch.manual_seed(seed)
+    with _no_progress_bars():
+        model = _build(target, init)
+    if weights is not None:
+        from .checkpoint import load_state_dict
+
+        load_weights_strict(model, load_state_dict(weights, trust_pickle=trust_pickle), str(weights))
+    cls = _layer_type(layer_type)
+    cfg = None
+    if ds_config:
+        from .deepspeed_config import read_deepspeed_config
+
+        cfg = read_deepspeed_config(ds_config)
+    plan = plan_inputs(model, shape=shape, vocab_size=vocab_size, seq_len=seq_len, batch_size=batch_size)
+    report = CheckReport(target, type(model).__name__, "", _settings(plan, layers, layer_type, stack, seq_args), [],
+                         notes=list(plan.notes))
+    try:
+        _convert(model, cls, layers, cfg, seq_args, stack)
+    except ConversionError as exc:
+        report.refused = str(exc)
+        report.layers = _refused_rows(model, cls, layers, stack, str(exc))
+        if not report.layers:
+            raise
+        report.layer_class = ", ".join(sorted({r.layer_class for r in report.layers}))
+        return report
+    notes = _quiet_dropout(model)
+    if notes:
+        report.notes.append(notes)
+    batches = make_batches(plan, seed)
+    lengths = _probe(model, batches)
+    report.layers = _verify_all(model, batches, lengths, reserved_lengths, report.settings)
+    report.layer_class = ", ".join(sorted({r.layer_class for r in report.layers}))
+    return report
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """No "Loading weights" bar from transformers on stderr while a folder loads (stderr is for the Error line)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _settings(
+    plan: InputPlan, layers: str, layer_type: str | None, stack: str | None, seq_args: dict[str, str] | None
+) -> dict[str, Any]:
+    return {**plan.settings(), "layers": layers, "layer_type": layer_type, "stack": stack,
+            "seq_args": seq_args or {}}
+
+
+def _convert(model: Any, cls: Any, layers: str, cfg: Any, seq_args: dict[str, str] | None, stack: str | None) -> None:
+    import inspect
+
+    from .convert import convert_to_random_ltd
+
+    options: dict[str, Any] = {"layers": layers, "ds_config": cfg, "seq_args": seq_args, "stack": stack}
+    if "verify" in inspect.signature(convert_to_random_ltd).parameters:
+        options["verify"] = "off"  # the check runs the verifier itself, on every batch and r
+    if cfg is None:
+        options["reserved_length"] = 1  # replaced by each verification's own r
+    convert_to_random_ltd(model, cls, **options)
+
+
+def _refused_rows(model: Any, cls: Any, layers: str, stack: str | None, message: str) -> list[LayerCheck]:
+    """One ``refused`` row per layer the conversion would have wrapped, with its own reason when it has one."""
+    from .adapters import refusal
+    from .convert import _candidate_groups, _select, unwrap_parallel
+
+    try:
+        groups, _ = _candidate_groups(unwrap_parallel(model), cls, None, stack)
+    except RandomLTDError:
+        return []
+    candidates = [c for g in groups for c in g]
+    try:
+        chosen = _select(groups, layers)
+    except RandomLTDError:
+        chosen = list(range(len(candidates)))
+    rows = []
+    for i in chosen:
+        name, layer = candidates[i]
+        rows.append(LayerCheck(name, type(layer).__name__, "refused", cause=refusal(layer) or message))
+    return rows
+
+
+def _quiet_dropout(model: Any) -> str:
+    """Switch dropout off (it draws different masks for S and r tokens); returns a note, or ''."""
+    from torch import nn
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p:
+            module.p = 0.0
+            changed += 1
+        for key, value in list(vars(module).items()):
+            if isinstance(value, float) and value and ("dropout" in key or "drop_prob" in key or "pdrop" in key):
+                setattr(module, key, 0.0)
+                changed += 1
+    config = getattr(model, "config", None)
+    for key in list(getattr(config, "__dict__", {})):
+        value = getattr(config, key)
+        if isinstance(value, float) and value and ("dropout" in key or "drop_path" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+    return "dropout switched off for the check (its masks differ between S and r tokens)." if changed else ""
+
+
+def _probe(model: Any, batches: list[Batch]) -> dict[str, int]:
+    """Run the model once per batch without dropping; the sequence length each wrapped layer sees."""
+    import torch
+
+    from .convert import random_ltd_layers
+    from .layer import _Arguments
+
+    lengths: dict[str, int] = {}
+    handles = []
+    for name, wrapper in random_ltd_layers(model):
+        def record(module: Any, args: Any, kwargs: Any, _name: str = name) -> None:
+            hidden = _Arguments(module._positional_names, args, kwargs).get(module._hidden_name)
+            if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+                lengths.setdefault(_name, int(hidden.shape[1 if module.batch_first else 0]))
+
+        handles.append(wrapper.register_forward_pre_hook(record, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _run(model, batch)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return lengths
+
+
+def _run(model: Any, batch: Batch) -> Any:
+    try:
+        return model(*batch.args, **batch.kwargs)
+    except RandomLTDError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(
+            f"{type(model).__name__}'s forward failed on the synthetic batch ({batch.description}): "
+            f"{type(exc).__name__}: {first}. Pass --shape, --vocab-size or --seq-len to feed it something it takes."
+        ) from exc
+
+
+def _verify_all(
+    model: Any, batches: list[Batch], lengths: dict[str, int], reserved: list[int] | None, settings: dict[str, Any]
+) -> list[LayerCheck]:
+    from .convert import random_ltd_layers
+    from .verify import verify_random_ltd
+
+    wrapped = random_ltd_layers(model)
+    s = min(lengths.values()) if lengths else None
+    if reserved:
+        bad = [r for r in reserved if r < 1]
+        if bad:
+            raise ConfigError(f"--r {bad[0]}: a reserved length must be at least 1.")
+        rs = sorted(set(reserved))
+    else:
+        rs = default_reserved_lengths(s) if s else []
+    settings.update(reserved_lengths=rs, tokens_at_wrapped_layers=s, batches=[b.description for b in batches])
+    rows = {name: LayerCheck(name, type(w.random_ltd_layer).__name__, "not called") for name, w in wrapped}
+    for batch in batches:
+        for r in rs:
+            try:
+                verdicts = verify_random_ltd(model, *batch.args, reserved_length=r, **batch.kwargs)
+            except RandomLTDError:
+                raise
+            except Exception as exc:
+                raise ConfigError(
+                    f"{type(model).__name__}'s forward failed while dropping to r={r} tokens on the {batch.name} "
+                    f"batch ({batch.description}): {type(exc).__name__}: {str(exc).strip()[:300]}"
+                ) from exc
+            for verdict in _as_list(verdicts):
+                row = rows.get(verdict.name)
+                if row is not None:
+                    _merge(row, verdict, batch.name, r)
+    return list(rows.values())
+
+
+def _as_list(verdicts: Any) -> list[Any]:
+    return list(verdicts.values()) if isinstance(verdicts, dict) else list(verdicts)
+
+
+def _merge(row: LayerCheck, verdict: Any, batch: str, r: int) -> None:
+    """Fold one verdict into the row: the worst status wins, the largest error is kept."""
+    status = str(verdict.status)
+    run = {"batch": batch, "r": r, "status": status, "max_error": verdict.max_error, "calls": verdict.calls}
+    if status == "not called":
+        return
+    row.runs.append(run)
+    if verdict.max_error is not None and (row.max_error is None or verdict.max_error > row.max_error):
+        row.max_error = float(verdict.max_error)
+        row.tolerance = verdict.tolerance
+    if row.status == "not called" or _SEVERITY.get(status, 0) < _SEVERITY.get(row.status, 0):
+        row.status = status
+        row.method = verdict.method
+        row.cause = f"{verdict.cause} (r={r}, {batch} batch)" if verdict.cause and status != "exact" else verdict.cause
+    elif not row.method:
+        row.method = verdict.method
