@@ -11,6 +11,7 @@ once per batch and reserved length ``r``. Each wrapped layer gets one row: ``exa
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,10 +76,21 @@ class CheckReport:
                 f"{'; '.join(parts)}.")
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        """A JSON-ready dict (a non-finite error, e.g. NaN outputs, is the string ``"nan"`` or ``"inf"``)."""
+        data = _finite(asdict(self))
         data["ok"] = self.ok
         data["counts"] = self.counts()
         return data
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def default_reserved_lengths(seq_len: int) -> list[int]:

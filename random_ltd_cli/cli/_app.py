@@ -20,7 +20,7 @@ INTERRUPTED = 130
 
 app = typer.Typer(
     name="random-ltd",
-    help="Random layerwise token dropping (random-LTD): convert models, inspect and strip checkpoints.",
+    help="Random layerwise token dropping (random-LTD): convert and check models, inspect and strip checkpoints.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
