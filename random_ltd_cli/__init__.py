@@ -22,6 +22,8 @@ _LAZY: dict[str, str] = {
     "KeyCollisionError": "errors",
     "UnsafePickleError": "errors",
     "TargetImportError": "errors",
+    "VerificationError": "errors",
+    "UnverifiableLayerError": "errors",
     # key renaming (no torch)
     "strip_key": "keys",
     "strip_mapping": "keys",
@@ -39,6 +41,9 @@ _LAZY: dict[str, str] = {
     "save_without_random_ltd": "convert",
     "random_ltd_layers": "convert",
     "random_ltd_scheduler": "convert",
+    # verification
+    "verify_random_ltd": "verify",
+    "LayerVerdict": "verify",
     "RandomLTDCallback": "integrations",
     "RandomLTDLightningCallback": "lightning",
     # checkpoints
@@ -84,6 +89,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         RandomLTDError,
         TargetImportError,
         UnsafePickleError,
+        UnverifiableLayerError,
+        VerificationError,
     )
     from .integrations import RandomLTDCallback
     from .keys import strip_key, strip_mapping
@@ -91,3 +98,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .lr_schedule import LayerTokenLRScheduler
     from .sampling import TokenSampler, sample_indices
     from .schedule import RandomLTDScheduler
+    from .verify import LayerVerdict, verify_random_ltd

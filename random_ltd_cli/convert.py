@@ -21,6 +21,7 @@ from .keys import SEGMENT, rename_keys, strip_key
 from .layer import RandomLayerTokenDrop, ReservedLength
 from .schedule import RandomLTDScheduler
 from .stacks import STACKS, SharedCall, candidates_text, find_layer_stack, find_layer_stacks, kind, shared_calls
+from .verify import check_verify_mode
 
 __all__ = [
     "convert_to_random_ltd",
@@ -153,6 +154,7 @@ def convert_to_random_ltd(
     ds_config: ConfigSource | RandomLTDConfig | None = None,
     stack: str | None = None,
     seq_args: Mapping[str, str] | None = None,
+    verify: str = "first",
 ) -> nn.Module:
     """Wrap the chosen layers of ``model`` in :class:`RandomLayerTokenDrop`, in place.
 
@@ -187,6 +189,9 @@ def convert_to_random_ltd(
             reads every encoder token) or ``"both"``.
         seq_args: how the layers' own arguments line up with the sequence, e.g.
             ``{"my_bias": "b h q k"}`` (see :class:`RandomLayerTokenDrop`).
+        verify: ``"first"`` (default: each wrapped layer is checked against the verifier's
+            reference on its first dropping call, and again when its argument signature changes),
+            ``"always"`` (every dropping call) or ``"off"``; see :mod:`random_ltd_cli.verify`.
 
     Returns:
         ``model`` itself, converted.
@@ -207,6 +212,7 @@ def convert_to_random_ltd(
             f"{', ...' if len(existing) > 4 else ''}); call revert_random_ltd(model) first to convert it again."
         )
     user_args = parse_seq_args(seq_args)
+    check_verify_mode(verify)
     groups, shared = _candidate_groups(root, layer_type, filter_fn, stack)
     candidates = [c for group in groups for c in group]
     if ds_config is not None:
@@ -237,11 +243,12 @@ def convert_to_random_ltd(
                 hidden_name=hidden_name, mask_names=mask_names, keep_prefix=keep_prefix,
                 keep_document_starts=keep_document_starts, seed=seed, layer_id=layer_id,
                 on_unsupported=on_unsupported,  # type: ignore[arg-type]
-                seq_args=user_args,
+                seq_args=user_args, verify=verify,  # type: ignore[arg-type]
                 calls=calls if call else None, calls_per_forward=call.calls_per_forward if call else None,
             )
         except (ConversionError, ConfigError) as exc:
             raise type(exc)(f"cannot wrap {name!r}: {exc}") from None
+        wrapper.__dict__["_ltd_name"] = name  # for the verifier's messages
         wrappers.append((name, wrapper, call))
     for name, wrapper, _ in wrappers:  # every check passed: now mutate
         _set_submodule(root, name, wrapper)

@@ -17,6 +17,8 @@ __all__ = [
     "RandomLTDError",
     "TargetImportError",
     "UnsafePickleError",
+    "UnverifiableLayerError",
+    "VerificationError",
 ]
 
 
@@ -50,3 +52,11 @@ class UnsafePickleError(CheckpointError):
 
 class TargetImportError(RandomLTDError, ImportError):
     """An import path such as ``package.module:attr`` does not resolve."""
+
+
+class VerificationError(RandomLTDError, ValueError):
+    """A wrapped layer does not match the verifier's reference (or its reference call failed)."""
+
+
+class UnverifiableLayerError(VerificationError):
+    """The verifier found no way to restrict a wrapped layer's attention keys, so it cannot check it."""

@@ -40,6 +40,7 @@ from .keys import SEGMENT
 from .recorders import SubmoduleRecords, call_unrecorded, replay_recorders
 from .sampling import TokenSampler, _in_backward
 from .tokens import TokenRoute, flat_index
+from .verify import check_verify_mode, on_dropping_call
 
 __all__ = ["HIDDEN_NAMES", "MASK_NAMES", "RandomLayerTokenDrop"]
 
@@ -132,6 +133,11 @@ class RandomLayerTokenDrop(nn.Module):
             cannot be gathered (e.g. a flex-attention ``BlockMask``, or a tensor of unknown
             alignment with an axis of length ``S``); ``"passthrough"`` runs that call on all
             tokens instead.
+        verify: check the layer against the verifier's reference (:mod:`random_ltd_cli.verify`):
+            ``"first"`` (default) on its first dropping call and again when its argument signature
+            changes, ``"always"`` on every dropping call (debugging), ``"off"`` never. A mismatch
+            raises :class:`~random_ltd_cli.errors.VerificationError`, a layer whose keys cannot be
+            restricted :class:`~random_ltd_cli.errors.UnverifiableLayerError`.
 
     Raises:
         ConfigError: a setting that cannot work (``reserved_length <= 0``, a mask name the
@@ -158,11 +164,13 @@ class RandomLayerTokenDrop(nn.Module):
         seq_args: Mapping[str, str | Alignment] | None = None,
         calls: Iterable[int] | None = None,
         calls_per_forward: int | None = None,
+        verify: Literal["first", "always", "off"] = "first",
     ) -> None:
         plan = _plan_arguments(layer, hidden_name, mask_names)
         user_args = parse_seq_args(seq_args)
         call_set = _check_calls(calls, calls_per_forward)
         _check_settings(reserved_length, keep_prefix, on_unsupported)
+        verify_mode = check_verify_mode(verify)
         super().__init__()
         self.random_ltd_layer = layer
         self.scheduler = scheduler
@@ -181,6 +189,8 @@ class RandomLayerTokenDrop(nn.Module):
         self._alignments = self._resolve(mask_names is not None)
         self._records = SubmoduleRecords(layer)
         self._calls, self._period, self._count = call_set, int(calls_per_forward or 0), 0
+        self.verify: str = verify_mode
+        self._verified: set[Any] = set()  # argument signatures verified (verify="first")
         self.register_load_state_dict_pre_hook(_accept_plain_keys)
 
     @property
@@ -299,8 +309,10 @@ class RandomLayerTokenDrop(nn.Module):
             if self.on_unsupported == "passthrough":
                 return layer(*args, **kwargs)
             raise
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():  # never inside a compiled region (no graphs or breaks added)
             self.last_indices = idx
+            if self.verify != "off" or "_verify_sink" in self.__dict__:
+                on_dropping_call(self, args, kwargs, idx)
         route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), keep, self.batch_first)
         call.set(self._hidden_name, route.split())
         records = self._records.hold(route.flat, batch * seq_len)  # router logits & co. come back full length
@@ -314,6 +326,20 @@ class RandomLayerTokenDrop(nn.Module):
             compiled.warn_if_static(self, keep)  # at compile time: did r stay a symbol?
         out = self._merge_output(route, out, swaps)
         return replay_recorders(layer, args, kwargs, out)
+
+    def _dropped_output(self, args: tuple[Any, ...], kwargs: dict[str, Any], idx: torch.Tensor) -> Any:
+        """The wrapper's computation for given kept indices ``idx [B, r]`` (no sampling, no recorders):
+        gather, call the inner layer, scatter. For the verifier."""
+        call = _Arguments(self._positional_names, args, kwargs)
+        hidden = call.get(self._hidden_name)
+        batch, seq_len = self._shape(hidden)
+        if self._adapter is not None:
+            self._adapter.prepare(call, hidden, seq_len)
+        swaps = self._gather_arguments(call, idx, batch, seq_len)
+        route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), idx.shape[1], self.batch_first)
+        call.set(self._hidden_name, route.split())
+        out = _call_inner(self.random_ltd_layer, self._adapter, call, idx, seq_len)
+        return self._merge_output(route, out, swaps)
 
     def _shape(self, hidden: Any) -> tuple[int, int]:
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
