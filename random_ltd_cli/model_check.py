@@ -67,13 +67,17 @@ class CheckReport:
         bad = [r for r in self.layers if r.status != "exact"]
         if not bad:
             return f"all {len(self.layers)} wrapped layers of {self.model_class} are exact."
+        hint = {"wrong": "each row names the likely cause", "unverifiable": "each row says why",
+                "error": "each row says why the reference call failed",
+                "not called": "the forward never reached them: check the input"}
         parts = []
         for status in sorted({r.status for r in bad}, key=_SEVERITY.__getitem__):
             names = [r.name for r in bad if r.status == status]
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             parts.append(f"{len(names)} {status} ({shown})")
+        worst = min((r.status for r in bad), key=_SEVERITY.__getitem__)
         return (f"{len(bad)} of {len(self.layers)} wrapped layers of {self.model_class} are not exact: "
-                f"{'; '.join(parts)}.")
+                f"{'; '.join(parts)}; {hint[worst]}. What to do: docs/verification.md.")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (a non-finite error, e.g. NaN outputs, is the string ``"nan"`` or ``"inf"``)."""
@@ -128,7 +132,7 @@ def check_target(
     from .workflow import _build, _layer_type, load_weights_strict
 
     torch.manual_seed(seed)
-    with _no_progress_bars():
+    with _no_progress_bars(Path(target).is_dir()):
         model = _build(target, init)
     if weights is not None:
         from .checkpoint import load_state_dict
@@ -152,9 +156,6 @@ def check_target(
             raise
         report.layer_class = ", ".join(sorted({r.layer_class for r in report.layers}))
         return report
-    notes = _quiet_dropout(model)
-    if notes:
-        report.notes.append(notes)
     batches = make_batches(plan, seed)
     lengths = _probe(model, batches)
     report.layers = _verify_all(model, batches, lengths, reserved_lengths, report.settings)
@@ -163,8 +164,11 @@ def check_target(
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def _no_progress_bars(folder: bool) -> Iterator[None]:
     """No "Loading weights" bar from transformers on stderr while a folder loads (stderr is for the Error line)."""
+    if not folder:  # an import path builds with Cls(config): no bar (and no transformers import for plain models)
+        yield
+        return
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
@@ -220,27 +224,6 @@ def _refused_rows(model: Any, cls: Any, layers: str, stack: str | None, message:
     return rows
 
 
-def _quiet_dropout(model: Any) -> str:
-    """Switch dropout off (it draws different masks for S and r tokens); returns a note, or ''."""
-    from torch import nn
-
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p:
-            module.p = 0.0
-            changed += 1
-        for key, value in list(vars(module).items()):
-            if isinstance(value, float) and value and ("dropout" in key or "drop_prob" in key or "pdrop" in key):
-                setattr(module, key, 0.0)
-                changed += 1
-    config = getattr(model, "config", None)
-    for key in list(getattr(config, "__dict__", {})):
-        value = getattr(config, key)
-        if isinstance(value, float) and value and ("dropout" in key or "drop_path" in key or "pdrop" in key):
-            setattr(config, key, 0.0)
-    return "dropout switched off for the check (its masks differ between S and r tokens)." if changed else ""
-
-
 def _probe(model: Any, batches: list[Batch]) -> dict[str, int]:
     """Run the model once per batch without dropping; the sequence length each wrapped layer sees."""
     import torch
@@ -291,15 +274,9 @@ def _verify_all(
 
     wrapped = random_ltd_layers(model)
     s = min(lengths.values()) if lengths else None
-    if reserved:
-        bad = [r for r in reserved if r < 1]
-        if bad:
-            raise ConfigError(f"--r {bad[0]}: a reserved length must be at least 1.")
-        rs = sorted(set(reserved))
-    else:
-        rs = default_reserved_lengths(s) if s else []
+    rs = _reserved(reserved, s)
     settings.update(reserved_lengths=rs, tokens_at_wrapped_layers=s, batches=[b.description for b in batches])
-    rows = {name: LayerCheck(name, type(w.random_ltd_layer).__name__, "not called") for name, w in wrapped}
+    found: dict[str, list[tuple[str, int, Any]]] = {name: [] for name, _ in wrapped}
     for batch in batches:
         for r in rs:
             try:
@@ -311,30 +288,43 @@ def _verify_all(
                     f"{type(model).__name__}'s forward failed while dropping to r={r} tokens on the {batch.name} "
                     f"batch ({batch.description}): {type(exc).__name__}: {str(exc).strip()[:300]}"
                 ) from exc
-            for verdict in _as_list(verdicts):
-                row = rows.get(verdict.name)
-                if row is not None:
-                    _merge(row, verdict, batch.name, r)
-    return list(rows.values())
+            for verdict in verdicts:
+                if verdict.name in found and verdict.status != "not called":
+                    found[verdict.name].append((batch.name, r, verdict))
+    return [_row(name, type(w.random_ltd_layer).__name__, found[name]) for name, w in wrapped]
 
 
-def _as_list(verdicts: Any) -> list[Any]:
-    return list(verdicts.values()) if isinstance(verdicts, dict) else list(verdicts)
+def _reserved(reserved: list[int] | None, s: int | None) -> list[int]:
+    if not reserved:
+        return default_reserved_lengths(s) if s else []
+    bad = [r for r in reserved if r < 1 or (s is not None and r >= s)]
+    if bad:
+        raise ConfigError(f"--r {bad[0]} is not between 1 and {s - 1 if s else 'S-1'}: the wrapped layers see "
+                          f"{s if s else 'S'} tokens and drop only with r below that; pass smaller values.")
+    return sorted(set(reserved))
 
 
-def _merge(row: LayerCheck, verdict: Any, batch: str, r: int) -> None:
-    """Fold one verdict into the row: the worst status wins, the largest error is kept."""
-    status = str(verdict.status)
-    run = {"batch": batch, "r": r, "status": status, "max_error": verdict.max_error, "calls": verdict.calls}
-    if status == "not called":
-        return
-    row.runs.append(run)
-    if verdict.max_error is not None and (row.max_error is None or verdict.max_error > row.max_error):
-        row.max_error = float(verdict.max_error)
-        row.tolerance = verdict.tolerance
-    if row.status == "not called" or _SEVERITY.get(status, 0) < _SEVERITY.get(row.status, 0):
-        row.status = status
-        row.method = verdict.method
-        row.cause = f"{verdict.cause} (r={r}, {batch} batch)" if verdict.cause and status != "exact" else verdict.cause
-    elif not row.method:
-        row.method = verdict.method
+def _row(name: str, layer_class: str, runs: list[tuple[str, int, Any]]) -> LayerCheck:
+    """One layer's verdicts over every batch and r: the worst status, the largest error, the cause where it was."""
+    row = LayerCheck(name, layer_class, "not called")
+    row.runs = [{"batch": b, "r": r, "status": v.status, "max_error": v.max_error, "calls": v.calls}
+                for b, r, v in runs]
+    if not runs:
+        return row
+    worst = min(_SEVERITY.get(v.status, 0) for _, _, v in runs)
+    b, r, v = max((x for x in runs if _SEVERITY.get(x[2].status, 0) == worst), key=lambda x: _num(x[2].max_error))
+    row.status, row.method, row.cause = v.status, v.method, v.cause
+    if v.status in ("wrong", "error") and v.cause:
+        row.cause = f"{v.cause} (r={r}, {b} batch)"
+    errors = [x[2] for x in runs if x[2].max_error is not None]
+    if errors:
+        top = max(errors, key=lambda x: _num(x.max_error))
+        row.max_error, row.tolerance = float(top.max_error), top.tolerance
+    return row
+
+
+def _num(x: float | None) -> float:
+    """Sort key for errors: NaN above everything, None below."""
+    if x is None:
+        return -1.0
+    return math.inf if math.isnan(x) else float(x)
