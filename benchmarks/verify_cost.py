@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -76,6 +77,13 @@ def first_steps(
     return times
 
 
+def quartiles(xs: list[float]) -> list[float]:
+    """[25th, 50th, 75th] percentiles (the values themselves when there are fewer than 4)."""
+    if len(xs) < 4:
+        return sorted(xs)
+    return statistics.quantiles(xs, n=4)
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=6)
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     f_on, f_off = median(first["first"]), median(first["off"])
     s_on, s_off = median(steady["first"]), median(steady["off"])
+    steady_q = quartiles([x / y for x, y in zip(steady["first"], steady["off"], strict=True)])
     result = {
         "benchmark": "verify_cost",
         "config": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "seq": a.seq, "batch": a.batch,
@@ -119,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "ratio_first_step": f_on / f_off,
         "first_step_extra_s": f_on - f_off,
         "ratio_steady_state": s_on / s_off,
+        # the spread of the paired ratios (step i with / step i without) shows the noise of this machine
+        "steady_pair_ratio_quartiles": steady_q,
+        "first_pair_ratio_quartiles": quartiles([x / y for x, y in zip(first["first"], first["off"], strict=True)]),
         "target_steady_state": "1.00 within noise",
     }
     title = (f"verification cost: GPT-2 {a.layers} layers H={a.hidden}, B={a.batch}, S={a.seq}, r={keep}, "
@@ -127,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ("first step, verify=first", f"{f_on * 1e3:.1f} ms"), ("first step, verify=off", f"{f_off * 1e3:.1f} ms"),
         ("ratio first step", f"{f_on / f_off:.3f}"),
         ("steady step, verify=first", f"{s_on * 1e3:.1f} ms"), ("steady step, verify=off", f"{s_off * 1e3:.1f} ms"),
-        ("ratio steady state", f"{s_on / s_off:.3f}"), ("target (steady)", "1.00 +- noise"),
+        ("ratio steady state", f"{s_on / s_off:.3f}"),
+        ("steady pair ratios, quartiles", " / ".join(f"{q:.2f}" for q in steady_q)),
+        ("target (steady)", "1.00 +- noise"),
     ]
     return finish("verify_cost", title, rows, result, argv, a.smoke, a.json_path, a.device)
 

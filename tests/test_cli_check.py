@@ -97,6 +97,7 @@ class GPT(nn.Module):
 
 
 def nano():
+    print("building nano")  # model code that prints: stdout must still hold only the report
     return GPT()
 
 
@@ -215,6 +216,7 @@ def test_gpt2_json_shape(gpt2_folder: Path) -> None:
 def test_user_nanogpt_block_exact(user_pkg: Path) -> None:
     r = _run("chk_user_pkg.models:nano", "--json")
     assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert r.stderr == "building nano\n"  # what the model printed went to stderr
     data = json.loads(r.stdout)
     assert [(row["name"], row["status"]) for row in data["layers"]] == [("h.1", "exact"), ("h.2", "exact")]
     assert data["settings"]["vocab_size"] == 48 and data["settings"]["seq_len"] == 32  # from model.config
@@ -268,9 +270,9 @@ def test_refused_family_is_a_row_and_exit_1() -> None:
         (["no_such_pkg_t16.models:Net"], "cannot import module 'no_such_pkg_t16.models'"),  # unimportable
         (["chk_user_pkg.models:TwoInputs"], "TwoInputs's forward failed on the synthetic batch"),  # forward fails
         (["chk_user_pkg.models:Blocks"], "cannot tell what input Blocks takes"),  # neither tokens nor --shape
-        (["chk_user_pkg.models:nano", "--shape", "2,x"], "--shape '2,x' must be positive integers"),
-        (["chk_user_pkg.models:nano", "--seq-len", "64"], "--seq-len 64 is longer than GPT's maximum length 32"),
-        (["chk_user_pkg.models:nano", "--r", "8", "--r", "32"], "--r 32 is not between 1 and 31"),  # r=S: no drop
+        (["chk_user_pkg.models:GPT", "--shape", "2,x"], "--shape '2,x' must be positive integers"),
+        (["chk_user_pkg.models:GPT", "--seq-len", "64"], "--seq-len 64 is longer than GPT's maximum length 32"),
+        (["chk_user_pkg.models:GPT", "--r", "8", "--r", "32"], "--r 32 is not between 1 and 31"),  # r=S: no drop
     ],
 )
 def test_bad_input_one_error_line(user_pkg: Path, args: list[str], message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -90,7 +91,9 @@ def check(
     from ..synthetic import parse_shape
     from ..target import parse_init
 
-    with user_errors(as_json):
+    # Whatever the model code or its libraries print while building and running goes to stderr: stdout
+    # holds the report only (deepspeed's accelerator detection, for one, logs to stdout).
+    with user_errors(as_json), contextlib.redirect_stdout(sys.stderr):
         report = check_target(
             target, init=parse_init(init), weights=weights, trust_pickle=trust_pickle, layer_type=layer_type,
             layers=layers, ds_config=str(ds_config) if ds_config else None, seq_args=parse_seq_arg_options(seq_arg),
