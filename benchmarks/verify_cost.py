@@ -7,8 +7,9 @@ forward + cross-entropy + backward + SGD step. Measured side by side, interleave
 
 * **first step**: ``trials`` times, a fresh conversion of each kind runs its first step (the order of
   the two alternates between trials); ratio of medians ``first(verify) / first(off)``;
-* **steady state**: the two converted models then take ``steps`` more steps, alternating; ratio of
-  median step times ``verify / off`` (expected 1.00 within noise: no verification after the first step).
+* **steady state**: the two converted models, and a second ``verify="off"`` model as a control, then take
+  ``steps`` more steps in rotation; ratio of median step times ``verify / off`` (expected 1.00 within
+  noise: no verification after the first step) beside the control's ``off / off`` (the noise itself).
 
     python benchmarks/verify_cost.py                 # the full measurement (a few minutes on 2 cores)
     python benchmarks/verify_cost.py --smoke         # a seconds-long check that it runs
@@ -109,10 +110,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     first = first_steps(base, ids, keep, a.trials, a.device)
     # Steady state: one model of each kind, past its first step, stepping alternately.
     steps = {}
-    for verify in ("first", "off"):
-        steps[verify] = make_step(converted(base, verify, keep), ids)
-        steps[verify]()  # the first step (verification for "first")
+    for name, verify in (("first", "first"), ("off", "off"), ("control", "off")):
+        steps[name] = make_step(converted(base, verify, keep), ids)
+        steps[name]()  # the first step (verification for "first")
     steady = interleaved(steps, a.steps, warmup=1, device=a.device)
+    control = median(steady["control"]) / median(steady["off"])
 
     f_on, f_off = median(first["first"]), median(first["off"])
     s_on, s_off = median(steady["first"]), median(steady["off"])
@@ -123,11 +125,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                    "vocab": a.vocab, "keep": keep, "wrapped_layers": max(0, a.layers - 2), "trials": a.trials,
                    "steps": a.steps},
         "first_step_s": {"verify_first": first["first"], "verify_off": first["off"]},
-        "steady_step_s": {"verify_first": steady["first"], "verify_off": steady["off"]},
+        "steady_step_s": {"verify_first": steady["first"], "verify_off": steady["off"],
+                          "verify_off_control": steady["control"]},
         "median_s": {"first_step_verify": f_on, "first_step_off": f_off, "steady_verify": s_on, "steady_off": s_off},
         "ratio_first_step": f_on / f_off,
         "first_step_extra_s": f_on - f_off,
         "ratio_steady_state": s_on / s_off,
+        # a second verify="off" model in the same rotation: how far apart two identical models measure here
+        "ratio_control_off_over_off": control,
         # the spread of the paired ratios (step i with / step i without) shows the noise of this machine
         "steady_pair_ratio_quartiles": steady_q,
         "first_pair_ratio_quartiles": quartiles([x / y for x, y in zip(first["first"], first["off"], strict=True)]),
@@ -141,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ("steady step, verify=first", f"{s_on * 1e3:.1f} ms"), ("steady step, verify=off", f"{s_off * 1e3:.1f} ms"),
         ("ratio steady state", f"{s_on / s_off:.3f}"),
         ("steady pair ratios, quartiles", " / ".join(f"{q:.2f}" for q in steady_q)),
+        ("control: off / off", f"{control:.3f}"),
         ("target (steady)", "1.00 +- noise"),
     ]
     return finish("verify_cost", title, rows, result, argv, a.smoke, a.json_path, a.device)

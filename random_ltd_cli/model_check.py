@@ -133,7 +133,13 @@ def check_target(
 
     torch.manual_seed(seed)
     with _no_progress_bars(Path(target).is_dir()):
-        model = _build(target, init)
+        try:
+            model = _build(target, init)
+        except RandomLTDError:
+            raise
+        except Exception as exc:  # the user's constructor or factory raised
+            raise ConfigError(f"building the model {target!r} failed: {type(exc).__name__}: {_first_line(exc)}; "
+                              "check --init and the model code.") from exc
     if weights is not None:
         from .checkpoint import load_state_dict
 
@@ -253,16 +259,21 @@ def _probe(model: Any, batches: list[Batch]) -> dict[str, int]:
     return lengths
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 def _run(model: Any, batch: Batch) -> Any:
     try:
         return model(*batch.args, **batch.kwargs)
     except RandomLTDError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(
             f"{type(model).__name__}'s forward failed on the synthetic batch ({batch.description}): "
-            f"{type(exc).__name__}: {first}. Pass --shape, --vocab-size or --seq-len to feed it something it takes."
+            f"{type(exc).__name__}: {_first_line(exc)}. Pass --shape, --vocab-size or --seq-len to feed it "
+            "something it takes."
         ) from exc
 
 
@@ -286,7 +297,7 @@ def _verify_all(
             except Exception as exc:
                 raise ConfigError(
                     f"{type(model).__name__}'s forward failed while dropping to r={r} tokens on the {batch.name} "
-                    f"batch ({batch.description}): {type(exc).__name__}: {str(exc).strip()[:300]}"
+                    f"batch ({batch.description}): {type(exc).__name__}: {_first_line(exc)}"
                 ) from exc
             for verdict in verdicts:
                 if verdict.name in found and verdict.status != "not called":

@@ -123,6 +123,23 @@ class Blocks(nn.Module):
         return x
 
 
+def broken():
+    raise RuntimeError("no such checkpoint on this machine")
+
+
+class FixedLengthBlock(Block):
+    """Reshapes to the length it was built for: fine on all tokens, fails on r kept tokens."""
+
+    def forward(self, x):
+        return super().forward(x.reshape(x.shape[0], 32, x.shape[-1]))
+
+
+def fixed_length():
+    model = GPT()
+    model.h = nn.ModuleList(FixedLengthBlock(model.config) for _ in range(3))
+    return model
+
+
 class TwoInputs(nn.Module):
     """Its forward needs a second argument the synthetic batch does not give."""
 
@@ -270,6 +287,8 @@ def test_refused_family_is_a_row_and_exit_1() -> None:
         (["no_such_pkg_t16.models:Net"], "cannot import module 'no_such_pkg_t16.models'"),  # unimportable
         (["chk_user_pkg.models:TwoInputs"], "TwoInputs's forward failed on the synthetic batch"),  # forward fails
         (["chk_user_pkg.models:Blocks"], "cannot tell what input Blocks takes"),  # neither tokens nor --shape
+        (["chk_user_pkg.models:broken"], "building the model 'chk_user_pkg.models:broken' failed: RuntimeError"),
+        (["chk_user_pkg.models:fixed_length"], "GPT's forward failed while dropping to r=8 tokens on the unpadded"),
         (["chk_user_pkg.models:GPT", "--shape", "2,x"], "--shape '2,x' must be positive integers"),
         (["chk_user_pkg.models:GPT", "--seq-len", "64"], "--seq-len 64 is longer than GPT's maximum length 32"),
         (["chk_user_pkg.models:GPT", "--r", "8", "--r", "32"], "--r 32 is not between 1 and 31"),  # r=S: no drop
