@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,11 +62,29 @@ def converted(base: torch.nn.Module, verify: str, keep: int) -> torch.nn.Module:
     return model
 
 
+def floor(base: Any, ids: torch.Tensor, keep: int) -> Callable[[], None]:
+    """What verification cannot do without: each wrapped (middle) block once on all S tokens and once on
+    the r kept ones, no grad (the reference and the wrapper's own result, without any checking around them)."""
+    blocks = list(base.transformer.h)[1:-1]
+    hidden = int(base.config.n_embd)
+    x_full = torch.randn(ids.shape[0], ids.shape[1], hidden, device=ids.device)
+    x_kept = x_full[:, :keep].contiguous()
+
+    def run() -> None:
+        with torch.no_grad():
+            for block in blocks:
+                block(x_full)
+                block(x_kept)
+
+    return run
+
+
 def first_steps(
     base: torch.nn.Module, ids: torch.Tensor, keep: int, trials: int, device: str
 ) -> dict[str, list[float]]:
-    """``trials`` first steps of fresh conversions of each kind, alternating which goes first."""
-    times: dict[str, list[float]] = {"first": [], "off": []}
+    """``trials`` first steps of fresh conversions of each kind, alternating which goes first, and the floor."""
+    times: dict[str, list[float]] = {"first": [], "off": [], "floor": []}
+    run_floor = floor(base, ids, keep)
     for t in range(trials):
         order = ("first", "off") if t % 2 == 0 else ("off", "first")
         for verify in order:
@@ -75,6 +94,11 @@ def first_steps(
             step()
             sync(device)
             times[verify].append(time.perf_counter() - t0)
+        sync(device)
+        t0 = time.perf_counter()
+        run_floor()
+        sync(device)
+        times["floor"].append(time.perf_counter() - t0)
     return times
 
 
@@ -130,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "median_s": {"first_step_verify": f_on, "first_step_off": f_off, "steady_verify": s_on, "steady_off": s_off},
         "ratio_first_step": f_on / f_off,
         "first_step_extra_s": f_on - f_off,
+        "floor_s": median(first["floor"]),  # no-grad runs of the wrapped blocks at S and at r
+        "first_step_extra_over_floor": (f_on - f_off) / median(first["floor"]),
         "ratio_steady_state": s_on / s_off,
         # a second verify="off" model in the same rotation: how far apart two identical models measure here
         "ratio_control_off_over_off": control,
@@ -143,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     rows = [
         ("first step, verify=first", f"{f_on * 1e3:.1f} ms"), ("first step, verify=off", f"{f_off * 1e3:.1f} ms"),
         ("ratio first step", f"{f_on / f_off:.3f}"),
+        ("floor: blocks at S and at r", f"{median(first['floor']) * 1e3:.1f} ms"),
+        ("extra first step / floor", f"{(f_on - f_off) / median(first['floor']):.2f}"),
         ("steady step, verify=first", f"{s_on * 1e3:.1f} ms"), ("steady step, verify=off", f"{s_off * 1e3:.1f} ms"),
         ("ratio steady state", f"{s_on / s_off:.3f}"),
         ("steady pair ratios, quartiles", " / ".join(f"{q:.2f}" for q in steady_q)),
