@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,6 +72,7 @@ class LayerVerdict:
     reserved_length: int | None = None  # r of the worst call
     seq_len: int | None = None  # S of the worst call
     dtype: str = ""  # the compute dtype the tolerance was chosen for
+    own_failure: BaseException | None = field(default=None, repr=False, compare=False)  # the wrapped call's error
 
     @property
     def label(self) -> str:
@@ -197,6 +198,8 @@ def on_dropping_call(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwarg
     if verdict.status == "exact":
         wrapper._verified.add(key)
         return
+    if verdict.own_failure is not None:
+        return  # the wrapped call itself fails: training raises that error right after (not the verifier's)
     if verdict.status == "unverifiable":
         raise UnverifiableLayerError(verdict.message())
     raise VerificationError(verdict.message())
@@ -265,10 +268,15 @@ def verify_random_ltd(model: nn.Module, *args: Any, reserved_length: int | None 
         w.__dict__["_ltd_name"] = name
         if reserved_length is not None:
             w.reserved_length = int(reserved_length)
+    failure: Exception | None = None
     try:
         root.train()
         with torch.no_grad():
             model(*args, **kwargs)
+    except Exception as exc:
+        if not any(sinks):  # the batch itself fails: the model's own error
+            raise
+        failure = exc  # a wrapped layer's call failed after its verification recorded why
     finally:
         for (_, w), state in zip(layers, saved, strict=True):
             _restore_wrapper(w, state)
@@ -280,7 +288,12 @@ def verify_random_ltd(model: nn.Module, *args: Any, reserved_length: int | None 
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
-    return [_worst(name, w, sink) for (name, w), sink in zip(layers, sinks, strict=True)]
+    verdicts = [_worst(name, w, sink) for (name, w), sink in zip(layers, sinks, strict=True)]
+    if failure is not None:
+        for v in verdicts:
+            if v.status == "not called":
+                v.cause = f"the forward stopped before this layer: {type(failure).__name__}: {failure}"[:400]
+    return verdicts
 
 
 def _wrapper_state(w: RandomLayerTokenDrop) -> dict[str, Any]:

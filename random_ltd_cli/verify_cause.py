@@ -11,8 +11,8 @@ In order (the first that explains the wrapper's result wins):
 3. the attention pattern the layer used on the kept tokens differs from its pattern at their
    positions: with a window or blocks in the layer's own mask -> "a window or block counted in
    kept tokens", else a mask built from the length of its input;
-4. the patterns agree and no argument carries positions -> "positions derived from the length of
-   its input" (the layer computes rotary/ALiBi/relative positions ``0..r-1`` for what it gets);
+4. the patterns agree and no argument that carries positions changes the result -> "positions
+   derived from the length of its input" (rotary/ALiBi/relative positions ``0..r-1`` for what it gets);
 5. otherwise "unknown".
 """
 
@@ -52,8 +52,9 @@ def diagnose(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwargs: dict[
              verdict: LayerVerdict) -> str:
     """The likely cause of ``got != ref`` at the ``compared [B,S]`` tokens, in words."""
     tol = verdict.tolerance or 0.0
+    relevant = _position_arguments(wrapper, args, kwargs, idx.shape[0], int(compared.shape[1]))
     try:
-        found = _arguments(wrapper, args, kwargs, idx, got, ref, compared, tol)
+        found, relevant = _arguments(wrapper, args, kwargs, idx, got, ref, compared, tol)
         if found:
             return found
         found = _pattern(watch, idx, compared)
@@ -61,7 +62,7 @@ def diagnose(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwargs: dict[
             return found
     except Exception:  # a hypothesis that cannot even run explains nothing
         pass
-    if not _position_arguments(wrapper, args, kwargs, idx.shape[0], int(compared.shape[1])):
+    if not relevant:  # no position argument that matters reaches the layer
         return ("positions derived from the length of its input: the layer computes positions (rotary, ALiBi, a "
                 "relative bias) for the r tokens it receives, 0..r-1, instead of their own")
     return "unknown (no argument, mask or position pattern explains the difference)"
@@ -87,11 +88,13 @@ def _sequence_args(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwargs:
 
 
 def _arguments(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwargs: dict[str, Any], idx: torch.Tensor,
-               got: torch.Tensor, ref: torch.Tensor, compared: torch.Tensor, tol: float) -> str:
+               got: torch.Tensor, ref: torch.Tensor, compared: torch.Tensor, tol: float) -> tuple[str, list[str]]:
+    """(cause or "", the gathered non-mask arguments that change the result)."""
     batch, seq = compared.shape
     keep = int(idx.shape[1])
     first = torch.arange(keep, device=idx.device).expand(batch, keep)
     last = torch.arange(seq - keep, seq, device=idx.device).expand(batch, keep)
+    relevant: list[str] = []
     for name, _, text in _sequence_args(wrapper, args, kwargs, batch, seq):
         align = wrapper._alignments.get(name)
         if align is None or not align.aligned:
@@ -102,25 +105,27 @@ def _arguments(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwargs: dic
             if error_of(fixed[compared], ref[compared]) <= tol:
                 return (f"argument {name!r} is not gathered: it has the sequence length {seq} on an axis but reaches "
                         f"the layer whole; gathered at the kept tokens it gives the reference (declare it: "
-                        f"seq_args={{{name!r}: {text!r}}})")
-            continue
-        with aligned_as(wrapper, name, _Reindexed(align, first)):
-            as_first = output_of(wrapper, args, kwargs, idx)
-        if error_of(as_first[compared], got[compared]) > tol:
+                        f"seq_args={{{name!r}: {text!r}}})"), relevant
             continue
         with aligned_as(wrapper, name, _Reindexed(align, last)):
             as_last = output_of(wrapper, args, kwargs, idx)
         if error_of(as_last[compared], got[compared]) <= tol:
-            continue  # the argument does not matter here
+            continue  # the argument does not change the result here
+        if align.kind != "mask":
+            relevant.append(name)
+        with aligned_as(wrapper, name, _Reindexed(align, first)):
+            as_first = output_of(wrapper, args, kwargs, idx)
+        if error_of(as_first[compared], got[compared]) > tol:
+            continue
         if align.kind in ("position_ids", "rotary"):
             return (f"positions 0..r-1: the kept tokens get the positions of the first r tokens instead of their own "
-                    f"(argument {name!r} is not gathered at the kept positions)")
+                    f"(argument {name!r} is not gathered at the kept positions)"), relevant
         if align.kind == "mask":
             return (f"the attention mask {name!r} is the one of the first r tokens, not of the kept ones (a mask "
-                    "not gathered at the kept positions)")
+                    "not gathered at the kept positions)"), relevant
         return (f"argument {name!r} holds the values of the first r tokens, not of the kept ones (a relative bias or "
-                "position table not gathered at the kept positions)")
-    return ""
+                "position table not gathered at the kept positions)"), relevant
+    return "", relevant
 
 
 def _pattern(watch: Kernels, idx: torch.Tensor, compared: torch.Tensor) -> str:

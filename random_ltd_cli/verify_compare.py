@@ -45,7 +45,8 @@ def compare_call(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwargs: d
     try:
         with watch:
             got = wrapper._dropped_output(args, kwargs, idx)
-    except Exception as exc:
+    except Exception as exc:  # the training call fails the same way, with its own error: the verifier stays out
+        verdict.own_failure = exc
         return _fail(verdict, f"the wrapped layer failed on the kept tokens: {type(exc).__name__}: {_line(exc)}")
     kept = torch.zeros(batch, seq, dtype=torch.bool, device=idx.device).scatter(1, idx, True)
     allowed = kept[:, None, :] | torch.eye(seq, dtype=torch.bool, device=idx.device)  # dropped rows keep themselves

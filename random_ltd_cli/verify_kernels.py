@@ -5,7 +5,8 @@
 * ``torch.nn.functional.scaled_dot_product_attention`` (``"sdpa"``),
 * ``torch.nn.functional.multi_head_attention_forward`` (``"mha"``, what ``nn.MultiheadAttention``
   and ``nn.Transformer*Layer`` call),
-* ``torch.nn.attention.flex_attention.flex_attention`` (``"flex"``),
+* ``torch.nn.attention.flex_attention.flex_attention`` (``"flex"``; its operator, which it calls
+  directly while the mode is active),
 * ``softmax`` over the last axis of a ``[..., L, L]`` tensor (``F.softmax``, ``torch.softmax``,
   ``Tensor.softmax``, ``nn.Softmax``: the eager pattern, ``"softmax"``)
 
@@ -23,6 +24,7 @@ not change (an encoder output of any length, even ``S``) is cross-attention and 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +106,21 @@ class Kernels(TorchFunctionMode):
         self.calls: list[Kernel] = []
         self.unmapped: list[str] = []  # self-attention kernels whose batch layout could not be read
         self.reference_own: torch.Tensor | None = None  # set on the kept-token run: the reference's own pattern
+
+    def __enter__(self) -> Kernels:
+        # flex_attention outside torch.compile normally compiles its operator call (eager backend), which
+        # hides it from this mode; its debug switch runs the very same unfused operator directly.
+        flex = sys.modules.get("torch.nn.attention.flex_attention")
+        self._flex_flag = getattr(flex, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", None)
+        if flex is not None and self._flex_flag is not None:
+            flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True  # type: ignore[attr-defined]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        flex = sys.modules.get("torch.nn.attention.flex_attention")
+        if flex is not None and self._flex_flag is not None:
+            flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = self._flex_flag  # type: ignore[attr-defined]
 
     @property
     def restricted(self) -> int:
@@ -226,32 +243,33 @@ def _mha(mode: Kernels, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 def _flex(mode: Kernels, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    bound = _bind(func, args, kwargs)
-    q, k = bound["query"], bound["key"]
+    """The flex-attention operator: ``(query, key, value, score_mod, block_mask tuple, scale, options, ...)``."""
+    q, k = args[0], args[1]
     kernel = Kernel("flex", int(q.shape[-2]), int(k.shape[-2]))
-    block_mask = bound.get("block_mask")
+    score_mod, block = args[3], args[4]
 
     def own() -> torch.Tensor | None:
-        if block_mask is None:
-            return torch.ones(mode.batch, kernel.q_len, kernel.k_len, dtype=torch.bool, device=q.device)
         from torch.nn.attention.flex_attention import create_mask
 
-        m = create_mask(block_mask.mask_mod, q.shape[0], 1, kernel.q_len, kernel.k_len, device=q.device)
+        mask_mod = block[-1] if isinstance(block, tuple) and block and callable(block[-1]) else None
+        if mask_mod is None:
+            return torch.ones(mode.batch, kernel.q_len, kernel.k_len, dtype=torch.bool, device=q.device)
+        m = create_mask(mask_mod, int(q.shape[0]), 1, kernel.q_len, kernel.k_len, device=q.device)
         return _batch_pattern(m, mode.batch)
 
     if mode._record(kernel, own):
         rows = mode._rows((int(q.shape[0]),), "flex")
         if rows is not None:
-            allowed, score_mod = rows.to(q.device), bound.get("score_mod")
+            allowed = rows.to(q.device)
             low = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
 
-            def restricted(score: torch.Tensor, b: Any, h: Any, qi: Any, kv: Any) -> torch.Tensor:
-                s = score if score_mod is None else score_mod(score, b, h, qi, kv)
+            def restricted(score: torch.Tensor, b: Any, h: Any, qi: Any, kv: Any, *extra: Any) -> torch.Tensor:
+                s = score if score_mod is None else score_mod(score, b, h, qi, kv, *extra)
                 return torch.where(allowed[b, qi, kv], s, low)
 
-            bound["score_mod"] = restricted
+            args = (*args[:3], restricted, *args[4:])
             kernel.restricted = True
-    return func(**bound)
+    return func(*args, **kwargs)
 
 
 def _dropout(mode: Kernels, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -302,10 +320,10 @@ def _handlers() -> dict[Any, Callable[..., Any]]:
         F.alpha_dropout: _dropout, F.feature_alpha_dropout: _dropout, torch.dropout: _dropout,
     }
     try:
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch._higher_order_ops.flex_attention import flex_attention as flex_operator
     except ImportError:  # an older torch without flex attention
         pass
     else:
-        table[flex_attention] = _flex
+        table[flex_operator] = _flex
     _HANDLERS.update(table)
     return _HANDLERS
