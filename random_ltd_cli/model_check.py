@@ -68,7 +68,7 @@ class CheckReport:
         if not bad:
             return f"all {len(self.layers)} wrapped layers of {self.model_class} are exact."
         hint = {"wrong": "each row names the likely cause", "unverifiable": "each row says why",
-                "error": "each row says why the reference call failed",
+                "error": "each row says what failed",
                 "not called": "the forward never reached them: check the input"}
         parts = []
         for status in sorted({r.status for r in bad}, key=_SEVERITY.__getitem__):

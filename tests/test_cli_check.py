@@ -263,6 +263,14 @@ def test_mlp_only_block_is_unverifiable(user_pkg: Path) -> None:
     assert "unverifiable" in _error_line(r)
 
 
+def test_layer_that_fails_on_kept_tokens_is_an_error_row(user_pkg: Path) -> None:
+    r = _run("chk_user_pkg.models:fixed_length")  # reshapes to 32 tokens: fails on r kept ones
+    assert r.exit_code == 1
+    row = _rows(r.stdout)["h.1"]
+    assert " error " in row and "failed on the kept tokens: RuntimeError" in row
+    assert "1 error (h.1); each row says what failed" in _error_line(r)
+
+
 def test_hidden_state_module_with_shape(user_pkg: Path) -> None:
     r = _run("chk_user_pkg.models:Blocks", "--shape", "2,12,16", "--r", "3", "--r", "6")
     assert r.exit_code == 0, (r.stdout, r.stderr)
@@ -288,7 +296,6 @@ def test_refused_family_is_a_row_and_exit_1() -> None:
         (["chk_user_pkg.models:TwoInputs"], "TwoInputs's forward failed on the synthetic batch"),  # forward fails
         (["chk_user_pkg.models:Blocks"], "cannot tell what input Blocks takes"),  # neither tokens nor --shape
         (["chk_user_pkg.models:broken"], "building the model 'chk_user_pkg.models:broken' failed: RuntimeError"),
-        (["chk_user_pkg.models:fixed_length"], "GPT's forward failed while dropping to r=8 tokens on the unpadded"),
         (["chk_user_pkg.models:GPT", "--shape", "2,x"], "--shape '2,x' must be positive integers"),
         (["chk_user_pkg.models:GPT", "--seq-len", "64"], "--seq-len 64 is longer than GPT's maximum length 32"),
         (["chk_user_pkg.models:GPT", "--r", "8", "--r", "32"], "--r 32 is not between 1 and 31"),  # r=S: no drop
