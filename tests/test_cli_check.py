@@ -263,6 +263,16 @@ def test_mlp_only_block_is_unverifiable(user_pkg: Path) -> None:
     assert "unverifiable" in _error_line(r)
 
 
+def test_terminal_gets_a_rich_table(user_pkg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from random_ltd_cli.cli import check as check_cli
+
+    monkeypatch.setattr(check_cli, "_terminal", lambda: True)
+    r = _run("chk_user_pkg.models:rope_gpt", "--r", "8")
+    assert r.exit_code == 1
+    assert "┃ layer" in r.stdout and "│ h.1 " in r.stdout and "wrong" in r.stdout
+    assert _error_line(r).startswith("Error: 2 of 2 wrapped layers of GPT are not exact")
+
+
 def test_layer_that_fails_on_kept_tokens_is_an_error_row(user_pkg: Path) -> None:
     r = _run("chk_user_pkg.models:fixed_length")  # reshapes to 32 tokens: fails on r kept ones
     assert r.exit_code == 1

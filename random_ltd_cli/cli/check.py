@@ -141,10 +141,14 @@ def _cells(row: Any) -> tuple[str, str, str, str, str]:
     return row.name, row.layer_class, row.status, err, detail
 
 
+def _terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 def _print_rows(report: Any) -> None:
     rows = [_cells(row) for row in report.layers]
     title = _title(report)
-    if sys.stdout.isatty():
+    if _terminal():
         from rich.markup import escape
         from rich.table import Table
 
