@@ -230,6 +230,19 @@ def test_gpt2_json_shape(gpt2_folder: Path) -> None:
             ("unpadded", 5), ("unpadded", 20), ("padded", 5), ("padded", 20)}
 
 
+def test_deepspeed_config_selects_the_layers(gpt2_folder: Path, tmp_path: Path) -> None:
+    ltd = {"enabled": True, "total_layer_num": 4, "random_ltd_layer_num": 1, "random_ltd_layer_id": [2],
+           "model_mask_name": "attention_mask", "model_type": "decoder", "hidden_state_order": "batch_seq_dim",
+           "random_ltd_schedule": {"min_value": 8, "max_value": 32, "schedule_type": "fixed_linear",
+                                   "schedule_config": {"require_steps": 100, "seq_per_step": 8}}}
+    cfg = {"train_batch_size": 8, "data_efficiency": {"enabled": True, "data_routing": {"enabled": True,
+                                                                                         "random_ltd": ltd}}}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    r = _run(str(gpt2_folder), "--ds-config", str(tmp_path / "ds.json"), "--r", "8", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [(row["name"], row["status"]) for row in json.loads(r.stdout)["layers"]] == [("transformer.h.2", "exact")]
+
+
 def test_user_nanogpt_block_exact(user_pkg: Path) -> None:
     r = _run("chk_user_pkg.models:nano", "--json")
     assert r.exit_code == 0, (r.stdout, r.stderr)
