@@ -48,8 +48,8 @@ TOLERANCES = {
     torch.float64: 1e-6,
     torch.float32: 1e-4,
     "tf32": 1e-2,  # float32 with reduced-precision matmuls (TF32, bf16x3)
-    torch.float16: 2e-2,
-    torch.bfloat16: 6e-2,
+    torch.float16: 1e-2,
+    torch.bfloat16: 4e-2,
 }
 WHAT_TO_DO = (
     "Declare the layer's own sequence-aligned arguments with seq_args=, give the layer its original positions "
@@ -90,7 +90,7 @@ class LayerVerdict:
             return (f"cannot verify {self.label}{size}: {self.cause}. random-LTD checks every wrapped layer against "
                     "its output on all tokens with the attention keys restricted to the kept ones, and found no way "
                     "to restrict them here, so it cannot tell whether dropping tokens is exact. To proceed at your "
-                    "own risk: convert with verify='off' (CLI: --verify off); or wrap only attention layers.")
+                    "own risk: convert with verify='off'; or wrap only attention layers.")
         if self.status == "error":
             return f"could not verify {self.label}{size}: {self.cause}"
         return f"{self.label}: {self.status}"

@@ -322,3 +322,13 @@ def test_autocast_uses_the_tolerance_of_its_dtype() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         verdicts = verify_random_ltd(model, _ids(), position_ids=_positions())
     assert [(v.status, v.dtype) for v in verdicts] == [("exact", "bfloat16")] * 2
+
+
+def test_the_demo_model_verifies_exact() -> None:
+    from random_ltd_cli.demo.train import Arm, TrainConfig, build_model
+
+    cfg = TrainConfig(n_layer=4, n_embd=32, n_head=2, seq_len=32, batch_size=2, seq_per_step=8)
+    model, _ = build_model(cfg, Arm("random-LTD", random_ltd=True))
+    ids = torch.randint(0, 50, (2, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    verdicts = verify_random_ltd(model, ids, ids)
+    assert verdicts and all(v.status == "exact" for v in verdicts), verdicts
