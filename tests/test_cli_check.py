@@ -48,9 +48,9 @@ def rope(x, positions):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, use_rope=False):
+    def __init__(self, cfg, use_rope=False, window=0):
         super().__init__()
-        self.n_head, self.use_rope = cfg.n_head, use_rope
+        self.n_head, self.use_rope, self.window = cfg.n_head, use_rope, window
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
@@ -61,15 +61,20 @@ class Attention(nn.Module):
         if self.use_rope:  # positions of the tokens this block received: 0..T-1, whatever they were in the model
             pos = torch.arange(x.shape[1])
             q, k = rope(q, pos), rope(k, pos)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.window:  # a sliding window counted over the tokens this block received (litgpt-style range(T))
+            i = torch.arange(T)
+            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, use_rope=False, attention=True):
+    def __init__(self, cfg, use_rope=False, attention=True, window=0):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
-        self.attn = Attention(cfg, use_rope) if attention else None
+        self.attn = Attention(cfg, use_rope, window) if attention else None
         d = cfg.n_embd
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
@@ -80,12 +85,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, use_rope=False, attention=True, **kw):
+    def __init__(self, use_rope=False, attention=True, window=0, **kw):
         super().__init__()
         self.config = cfg = Config(**kw)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.h = nn.ModuleList(Block(cfg, use_rope, attention) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(Block(cfg, use_rope, attention, window) for _ in range(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     def forward(self, idx):
@@ -107,6 +112,10 @@ def rope_gpt():
 
 def mlp_only():
     return GPT(attention=False)
+
+
+def window_gpt():
+    return GPT(window=4)
 
 
 class Blocks(nn.Module):
@@ -265,6 +274,15 @@ def test_user_block_with_rope_of_its_own_length_is_wrong(user_pkg: Path) -> None
     data = json.loads(_run("chk_user_pkg.models:rope_gpt", "--json").stdout)
     assert data["ok"] is False and data["exit_code"] == 1 and data["error"] in line
     assert all(row["max_error"] > row["tolerance"] for row in data["layers"])
+
+
+def test_user_block_with_window_over_received_tokens_is_wrong(user_pkg: Path) -> None:
+    # the litgpt pattern of issue 16: a sliding-window mask built with arange(T) over the tokens received
+    r = _run("chk_user_pkg.models:window_gpt", "--json")
+    assert r.exit_code == 1
+    rows = json.loads(r.stdout)["layers"]
+    assert [row["status"] for row in rows] == ["wrong", "wrong"]
+    assert all("window" in row["cause"] for row in rows)
 
 
 def test_mlp_only_block_is_unverifiable(user_pkg: Path) -> None:
