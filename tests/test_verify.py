@@ -373,3 +373,12 @@ def test_a_litgpt_shaped_window_is_caught_after_declaring_cos_and_sin() -> None:
     angles = torch.arange(S, dtype=torch.float32)[:, None] / (10.0 ** torch.arange(8.0))[None]
     with pytest.raises(VerificationError, match="Likely cause: a window or block counted in kept tokens"):
         layer(torch.randn(2, S, H), angles.cos()[None], angles.sin()[None])
+
+
+def test_a_verdict_converts_to_json() -> None:
+    import json
+
+    model = convert_to_random_ltd(_lm(), RopeBlock, reserved_length=R)
+    data = json.loads(json.dumps([v.to_dict() for v in verify_random_ltd(model, _ids(), _positions())]))
+    assert [(d["name"], d["status"], d["method"], d["calls"], d["seq_len"]) for d in data] == [
+        ("layers.1", "exact", "sdpa", 1, S), ("layers.2", "exact", "sdpa", 1, S)]
