@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["compare_call", "error_of"]
 
+ALL_PADDING = "every kept token is a padding token in this batch (nothing to compare)"
 KERNELS_TEXT = ("no attention kernel (scaled_dot_product_attention, multi_head_attention_forward, flex_attention, "
                 "or a softmax over [..., S, S] scores) ran while it processed all {S} tokens")
 
@@ -123,8 +124,7 @@ def _judge(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwargs: dict[st
                          "positions (a scatter mistake, or a hook that changes the wrapper's output)")
         return None
     if not bool(compared.any()):
-        verdict.status = "unverifiable"
-        verdict.cause = "every kept token is a padding token in this batch (nothing to compare)"
+        verdict.status, verdict.cause = "unverifiable", ALL_PADDING
         return None
     if not bool(torch.isfinite(r[compared]).all()):
         return _fail(verdict, "the reference output has non-finite values at kept tokens")

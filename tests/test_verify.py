@@ -332,3 +332,53 @@ def test_the_demo_model_verifies_exact() -> None:
     ids = torch.randint(0, 50, (2, cfg.seq_len), generator=torch.Generator().manual_seed(0))
     verdicts = verify_random_ltd(model, ids, ids)
     assert verdicts and all(v.status == "exact" for v in verdicts), verdicts
+
+
+def test_compiled_regions_are_never_verified_and_compile_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import MaskedAttentionLayer
+    from torch._dynamo.utils import counters
+
+    seen = _count_checks(monkeypatch)
+    stats = []
+    for mode in ("always", "off"):
+        torch.manual_seed(0)
+        wrapper = RandomLayerTokenDrop(MaskedAttentionLayer(hidden=16), reserved_length=R, verify=mode).train()
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(wrapper, backend="eager", fullgraph=True)  # fullgraph: a break is an error
+        for _ in range(2):
+            compiled(torch.randn(2, S, 16)).sum()
+        stats.append((int(counters["stats"]["unique_graphs"]), sum(counters["graph_break"].values())))
+    torch._dynamo.reset()
+    assert stats[0] == stats[1] and stats[0][1] == 0
+    assert seen == []  # verification runs eagerly only
+    eager = RandomLayerTokenDrop(MaskedAttentionLayer(hidden=16), reserved_length=R, verify="always").train()
+    eager(torch.randn(2, S, 16))
+    assert len(seen) == 1
+
+
+def test_an_olmo_core_shaped_call_without_positions_is_caught() -> None:
+    # the model calls block(h): the block's rotary module computes positions 0..n-1 of what it receives
+    torch.manual_seed(0)
+    layer = RandomLayerTokenDrop(RopeBlock(), reserved_length=R)
+    with pytest.raises(VerificationError, match="Likely cause: positions derived from the length of its input"):
+        layer(torch.randn(2, S, H))
+
+
+def test_a_litgpt_shaped_window_is_caught_after_declaring_cos_and_sin() -> None:
+    from verify_blocks import LitBlock
+
+    torch.manual_seed(0)
+    layer = RandomLayerTokenDrop(LitBlock(), reserved_length=R, seq_args={"cos": "b s d", "sin": "b s d"})
+    angles = torch.arange(S, dtype=torch.float32)[:, None] / (10.0 ** torch.arange(8.0))[None]
+    with pytest.raises(VerificationError, match="Likely cause: a window or block counted in kept tokens"):
+        layer(torch.randn(2, S, H), angles.cos()[None], angles.sin()[None])
+
+
+def test_a_verdict_converts_to_json() -> None:
+    import json
+
+    model = convert_to_random_ltd(_lm(), RopeBlock, reserved_length=R)
+    data = json.loads(json.dumps([v.to_dict() for v in verify_random_ltd(model, _ids(), _positions())]))
+    assert [(d["name"], d["status"], d["method"], d["calls"], d["seq_len"]) for d in data] == [
+        ("layers.1", "exact", "sdpa", 1, S), ("layers.2", "exact", "sdpa", 1, S)]

@@ -121,3 +121,26 @@ class TinyLM(nn.Module):
 def lm_loss(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     logits = model(ids, **kwargs)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+class LitBlock(nn.Module):
+    """litgpt-shaped: the model hands every block ``cos``/``sin`` ``[1, T, D]`` (declared with ``seq_args``);
+    the block builds its sliding-window mask with ``range(T)`` of the tokens it receives."""
+
+    def __init__(self, window: int = 4) -> None:
+        super().__init__()
+        self.qkv, self.out, self.window = nn.Linear(H, 3 * H), nn.Linear(H, H), window
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, HEADS, -1).transpose(1, 2) for z in self.qkv(x).split(H, -1))
+        d = q.shape[-1] // 2
+
+        def rope(z: torch.Tensor) -> torch.Tensor:
+            c, s = cos[:, None, :, :d], sin[:, None, :, :d]
+            return torch.cat([z[..., :d] * c - z[..., d:] * s, z[..., :d] * s + z[..., d:] * c], -1)
+
+        i = torch.arange(t, device=x.device)
+        ok = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < self.window)
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, attn_mask=ok)
+        return x + self.out(y.transpose(1, 2).reshape(b, t, H))
