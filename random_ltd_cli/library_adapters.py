@@ -21,6 +21,7 @@ Megatron-core layer       ``forward(*args, **kwargs)`` hands everything to
                           gathered per sample to ``[r,b,1,d]`` (the layer broadcasts it);
                           ``packed_seq_params`` is refused at the call, sequence and
                           context parallelism at conversion.
+Swin / ConvNeXt blocks    refused: shifted windows and convolutions need the whole grid.
 ``nn.MultiheadAttention`` a 2-D ``attn_mask``/``src_mask``/``tgt_mask`` is ``[L,L]``
 blocks (torch, open_clip) (queries x keys, shared by the batch), not a ``[B,S]`` padding
                           mask: it is gathered per sample and laid out as
@@ -243,4 +244,19 @@ def find_library_adapter(layer: nn.Module) -> LayerAdapter | None:
 
 def library_refusal(layer: nn.Module) -> str | None:
     """Why a library layer cannot drop tokens exactly, or ``None``."""
-    return _olmo_refusal(layer) or _megatron_refusal(layer)
+    return _grid_refusal(layer) or _olmo_refusal(layer) or _megatron_refusal(layer)
+
+
+def _grid_refusal(layer: nn.Module) -> str | None:
+    """Swin-style shifted windows (timm's ``SwinTransformerBlock``) and convolutional blocks (ConvNeXt)."""
+    owners = (layer, getattr(layer, "attn", None))
+    if any(hasattr(o, "window_size") and hasattr(o, "shift_size") for o in owners if o is not None):
+        return ("it partitions its tokens into (shifted) windows of the image grid (Swin-style window_size and "
+                "shift_size); a subset of the tokens has no grid")
+    convs = [m for m in layer.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+             and any(k > 1 for k in m.kernel_size)]
+    if convs:
+        return (f"it holds a convolution ({type(convs[0]).__name__} with kernel {tuple(convs[0].kernel_size)}) that "
+                "mixes neighbouring tokens, which on r kept tokens are no longer neighbours; train convolutional "
+                "blocks without random-LTD")
+    return None

@@ -138,21 +138,21 @@ def cpu_megatron() -> None:
     parallel_state.get_global_memory_buffer().buffer[("mpu", torch.float32)] = torch.empty(1 << 16)
 
 
-def megatron_gpt(tp: int = 1, **extra: Any) -> nn.Module:
+def megatron_gpt(tp: int = 1, parallel_output: bool = True, **extra: Any) -> nn.Module:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: F401
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg = TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=2, use_cpu_initialization=True,
                             hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp, **extra)
     torch.manual_seed(0)
-    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                    max_sequence_length=64, position_embedding_type="learned_absolute")
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=96,  # TP divides it
+                    max_sequence_length=64, position_embedding_type="learned_absolute",
+                    parallel_output=parallel_output)
 
 
 def megatron_batches() -> list[dict[str, Any]]:
-    ids = _ids()
+    ids = _ids() % 96
     pos = torch.arange(S)[None].expand(B, S)
     causal = torch.ones(S, S, dtype=torch.bool).triu(1)  # True = masked (Megatron's convention)
     pad = torch.zeros(B, S, dtype=torch.bool)
