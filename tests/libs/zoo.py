@@ -99,6 +99,12 @@ def _olmo(**extra: Any) -> nn.Module:
     return model
 
 
+def _window() -> Any:
+    from olmo_core.nn.attention import SlidingWindowAttentionConfig
+
+    return SlidingWindowAttentionConfig(pattern=[4, -1])
+
+
 def _olmo_batches() -> list[dict[str, Any]]:
     return [{"input_ids": _ids()}]
 
@@ -205,6 +211,10 @@ CASES: list[Case] = [
          _litgpt_batches, "sdpa", notes="sliding window 4 < S=12, folded into a mask at the original positions"),
     Case("olmo-core-llama", "OLMo-core", "OLMo-core Transformer (llama_like)", _olmo, _olmo_batches, "sdpa",
          notes="rotary table passed as pos_sin/pos_cos at the original positions"),
+    Case("olmo-core-window", "OLMo-core", "OLMo-core Transformer (llama_like, sliding window)",
+         lambda: _olmo(sliding_window=_window()), _olmo_batches, "sdpa", expect="refused",
+         refusal="its sliding-window attention (OLMo-core window_size) counts the tokens it sees",
+         notes="window 4 in every other layer (pattern [4, -1])"),
     Case("megatron-gpt", "Megatron-core", "Megatron-core GPTModel (local spec, TP=1, gloo)", megatron_gpt,
          megatron_batches, "megatron-mask", batch_first=False, setup=megatron_process_group,
          notes="sequence-first [s,b,h]; attention_mask [b,1,s,s]"),
