@@ -132,7 +132,8 @@ def gather_axes(t: torch.Tensor, pattern: tuple[str, ...], idx: torch.Tensor, se
     for d in axes:
         shape = [1] * t.dim()
         shape[bd], shape[d] = per.shape[0], keep
-        index = per.view(shape).expand(*[keep if i == d else n for i, n in enumerate(t.shape)])
+        src = per if bd < d else per.t()  # a token axis before the batch axis (sequence-first, "s b _ d")
+        index = src.reshape(shape).expand(*[keep if i == d else n for i, n in enumerate(t.shape)])
         t = t.gather(d, index)
     return t
 

@@ -157,6 +157,31 @@ def megatron_gpt(tp: int = 1, parallel_output: bool = True, **extra: Any) -> nn.
                     parallel_output=parallel_output)
 
 
+class MegatronRope(nn.Module):
+    """A rotary GPTModel run layer stack by layer stack: Megatron-core's ``RotaryEmbedding.forward`` moves its
+    table to CUDA, so the table ``[s,1,1,d]`` is built on the CPU from its own ``get_freqs_non_repeated``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.models.gpt.gpt_model import GPTModel
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        cfg = TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=2, use_cpu_initialization=True,
+                                hidden_dropout=0.0, attention_dropout=0.0)
+        torch.manual_seed(0)
+        self.gpt = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=96,
+                            max_sequence_length=64, position_embedding_type="rope")
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.gpt.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
+        freqs = self.gpt.rotary_pos_emb.get_freqs_non_repeated(input_ids.shape[1])
+        table = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # as get_emb lays it out
+        hidden = self.gpt.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=table)
+        return self.gpt.output_layer(hidden)[0].transpose(0, 1)
+
+
 def megatron_batches() -> list[dict[str, Any]]:
     ids = _ids() % 96
     pos = torch.arange(S)[None].expand(B, S)
@@ -218,6 +243,9 @@ CASES: list[Case] = [
     Case("megatron-gpt", "Megatron-core", "Megatron-core GPTModel (local spec, TP=1, gloo)", megatron_gpt,
          megatron_batches, "megatron-mask", batch_first=False, setup=megatron_process_group,
          notes="sequence-first [s,b,h]; attention_mask [b,1,s,s]"),
+    Case("megatron-gpt-rope", "Megatron-core", "Megatron-core GPTModel (rope, TP=1, gloo)", MegatronRope,
+         megatron_batches, "megatron-mask", batch_first=False, setup=megatron_process_group,
+         notes="rotary_pos_emb [s,1,1,d] gathered per sample to [r,b,1,d]; table built on the CPU"),
     Case("torch-mha", "torch", "nn.TransformerEncoder (batch_first)", lambda: _torch_encoder(True), _torch_batches,
          "sdpa", notes="causal [L,L] attn mask with B == S, key padding mask"),
     Case("torch-mha-seq-first", "torch", "nn.TransformerEncoder (sequence-first)", lambda: _torch_encoder(False),
