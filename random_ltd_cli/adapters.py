@@ -322,13 +322,10 @@ def refusal(layer: nn.Module) -> str | None:
     """Why random-LTD cannot drop tokens in ``layer`` exactly, or ``None`` if it can."""
     from .library_adapters import library_refusal
 
-    reason = library_refusal(layer)
-    if reason is not None:
-        return reason
     try:
         params = inspect.signature(layer.forward).parameters
     except (TypeError, ValueError):
-        return None
+        return library_refusal(layer)
     if "input_dimensions" in params:
         return ("it partitions its tokens into 2-D windows of the image grid (Swin-style input_dimensions); a "
                 "subset of the tokens has no grid")
@@ -350,4 +347,4 @@ def refusal(layer: nn.Module) -> str | None:
     ):
         return ("its relative-attention span is computed from the number of tokens it sees (DeBERTa-style), so on "
                 "r kept tokens distances beyond r would be clipped")
-    return None
+    return library_refusal(layer)

@@ -28,7 +28,7 @@ NOT_INSTALLABLE = {
     "timm": "timm imports torchvision at import time (timm.data), and torchvision's only x86-64 wheel on PyPI is "
             "a CUDA build: with the CPU torch it fails at import ('operator torchvision::nms does not exist')",
     "open_clip": "open_clip imports torchvision (open_clip.transform) and timm; see timm",
-    "torchtitan": "torchtitan 0.3.0 imports triton at import time (torchtitan.models.common.token_dispatcher), a "
+    "torchtitan": "torchtitan 0.3.0 (and 0.2.2) imports triton when its llama3 model is imported (MoE kernels), a "
                   "285 MB GPU-compiler wheel, and pulls datasets, wandb and tensorboard",
 }
 
