@@ -38,7 +38,9 @@ Each row is a tiny random-weight model (4 layers, hidden 32, no downloads) conve
   and the model is left untouched.
 
 **Sequence arguments** lists the arguments (besides the hidden states) that the wrapped layers receive
-with an axis of the sequence's length.
+with an axis of the sequence's length. One attention implementation runs on CPU per library (litgpt and
+OLMo-core: SDPA; Megatron-core: its local attention; torch: `nn.MultiheadAttention`, flex attention);
+rows whose model takes a padding mask (Megatron-core, torch) run with and without padding.
 """
 
 FOOTER = """
@@ -73,6 +75,9 @@ FOOTER = """
 - **`nn.MultiheadAttention` blocks** (torch's `nn.TransformerEncoderLayer`, open_clip's
   `ResidualAttentionBlock`): a 2-D `attn_mask`/`src_mask` is `[L,L]` (queries x keys), never a `[B,S]`
   padding mask, even when B == L; it is gathered per sample and laid out as `[B*heads, r, r]`.
+- **Flex attention** (torchtitan passes its masks as a `BlockMask` in `attention_masks`): the mask is
+  rebuilt for the kept tokens with a `mask_mod` that asks the original one about the original positions.
+  Flex attention has no CPU backward in torch 2.13, so that row is checked without gradients.
 - **Swin-style windows and convolutional blocks** (timm's Swin and ConvNeXt): refused at conversion
   (`window_size` + `shift_size`, or a convolution with a kernel wider than 1 inside the layer), and
   `random-ltd inspect` reports the refusal.

@@ -144,6 +144,22 @@ def _hidden(case: Case, call: Call) -> torch.Tensor:
 def reference(case: Case, layer: nn.Module, call: Call, kept: torch.Tensor) -> torch.Tensor:
     """The unwrapped layer on all tokens, keys restricted to ``kept``; its output as ``[B, S, H]``."""
     args, kwargs = list(call.args), dict(call.kwargs)
+    if case.kernel == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask = kwargs.get("attention_masks", args[1] if len(args) > 1 else None)
+        original, (b, s) = mask.mask_mod, kept.shape
+
+        def restricted(bi: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return original(bi, h, q, kv) & (kept[bi, kv] | (q == kv))
+
+        full = create_block_mask(restricted, b, None, s, s, device=kept.device)
+        if "attention_masks" in kwargs:
+            kwargs["attention_masks"] = full
+        else:
+            args[1] = full
+        out = _first(layer(*args, **kwargs))
+        return out
     if case.kernel == "megatron-mask":
         mask = kwargs["attention_mask"]
         s = kept.shape[1]

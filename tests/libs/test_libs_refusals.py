@@ -147,6 +147,25 @@ def test_the_reference_catches_the_silent_error_without_the_adapter(
     assert res.status == "FAIL" and "differ from the reference" in res.detail, res.detail
 
 
+def test_the_reference_catches_a_block_mask_rebuilt_in_kept_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BlockMask whose mask_mod reads kept-token numbers instead of original positions (the window would
+    count kept tokens) differs from the reference."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from random_ltd_cli import tokens
+
+    def naive(mask: Any, idx: torch.Tensor, seq_len: int, name: str) -> Any:
+        return create_block_mask(mask.mask_mod, idx.shape[0], None, idx.shape[1], idx.shape[1], device=idx.device)
+
+    monkeypatch.setattr(tokens, "_rebuild_block_mask", naive)
+    result.cache_clear()
+    try:
+        res = result("torch-flex")
+    finally:
+        result.cache_clear()
+    assert res.status == "FAIL" and "differ from the reference" in res.detail, res.detail
+
+
 # -- Megatron-core -------------------------------------------------------------------------------------------
 
 

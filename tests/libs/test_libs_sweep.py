@@ -39,6 +39,8 @@ def test_case_is_exact_or_refused(name: str) -> None:
 @pytest.mark.parametrize("name", [c.name for c in CASES if c.expect == "exact"])
 def test_converted_model_trains_one_step(name: str) -> None:
     _need(name)
+    if BY_NAME[name].backward:
+        pytest.skip(BY_NAME[name].backward)
     assert check_training_step(BY_NAME[name]) > 0
 
 

@@ -48,6 +48,7 @@ class Case:
     notes: str = ""
     batch_first: bool = True
     setup: Callable[[], contextlib.AbstractContextManager[Any]] = field(default=contextlib.nullcontext)
+    backward: str = ""  # why a training step cannot run here (e.g. no CPU backward), else ""
 
 
 def available(case: Case) -> str | None:
@@ -226,6 +227,47 @@ def _torch_batches() -> list[dict[str, Any]]:
     return [{"ids": ids, "key_padding_mask": pad}, {"ids": ids}]
 
 
+# -- flex attention (torchtitan's attention_masks are BlockMasks; torchtitan itself does not install here) -------
+
+
+class FlexBlock(nn.Module):
+    """A pre-norm attention block on flex attention, taking a ``BlockMask`` as torchtitan's blocks do."""
+
+    def __init__(self, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.norm = heads, nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attention_masks: Any) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = flex_attention(q, k, v, block_mask=attention_masks)
+        return x + self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+class FlexModel(nn.Module):
+    """Embeddings + 4 flex blocks with a causal sliding-window (4) ``BlockMask`` built for the full sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.layers = nn.Embedding(VOCAB, 32), nn.ModuleDict({str(i): FlexBlock() for i in range(4)})
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def window(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return (q >= kv) & (q - kv < 4)
+
+        mask = create_block_mask(window, None, None, ids.shape[1], ids.shape[1], device=ids.device)
+        x = self.embed(ids)
+        for layer in self.layers.values():
+            x = layer(x, mask)
+        return x
+
+
 CASES: list[Case] = [
     Case("litgpt-llama", "litgpt", "litgpt GPT (Llama-3.2 config)", lambda: _litgpt("Llama-3.2-1B", n_query_groups=1,
          intermediate_size=64), _litgpt_batches, "sdpa", notes="rope cos/sin [1,S,d] gathered per sample"),
@@ -246,6 +288,9 @@ CASES: list[Case] = [
     Case("megatron-gpt-rope", "Megatron-core", "Megatron-core GPTModel (rope, TP=1, gloo)", MegatronRope,
          megatron_batches, "megatron-mask", batch_first=False, setup=megatron_process_group,
          notes="rotary_pos_emb [s,1,1,d] gathered per sample to [r,b,1,d]; table built on the CPU"),
+    Case("torch-flex", "torch", "flex-attention blocks in an nn.ModuleDict (torchtitan-style)", FlexModel,
+         lambda: [{"ids": _ids()}], "flex", backward="flex attention has no CPU backward in torch 2.13",
+         notes="BlockMask (causal, window 4) rebuilt for the kept tokens from its mask_mod"),
     Case("torch-mha", "torch", "nn.TransformerEncoder (batch_first)", lambda: _torch_encoder(True), _torch_batches,
          "sdpa", notes="causal [L,L] attn mask with B == S, key padding mask"),
     Case("torch-mha-seq-first", "torch", "nn.TransformerEncoder (sequence-first)", lambda: _torch_encoder(False),
