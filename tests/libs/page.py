@@ -74,7 +74,9 @@ FOOTER = """
   gathers the vocabulary shards itself.
 - **`nn.MultiheadAttention` blocks** (torch's `nn.TransformerEncoderLayer`, open_clip's
   `ResidualAttentionBlock`): a 2-D `attn_mask`/`src_mask` is `[L,L]` (queries x keys), never a `[B,S]`
-  padding mask, even when B == L; it is gathered per sample and laid out as `[B*heads, r, r]`.
+  padding mask, even when B == L; it is gathered per sample and laid out as `[B*heads, r, r]`. The
+  sweep checks torch's layers; open_clip itself does not install here (below), its
+  `ResidualAttentionBlock(q_x, k_x, v_x, attn_mask)` follows the same convention.
 - **Flex attention** (torchtitan passes its masks as a `BlockMask` in `attention_masks`): the mask is
   rebuilt for the kept tokens with a `mask_mod` that asks the original one about the original positions.
   Flex attention has no CPU backward in torch 2.13, so that row is checked without gradients.
@@ -87,6 +89,16 @@ FOOTER = """
 These do not install cleanly next to the CPU build of torch 2.13 that the tests use:
 
 {missing}
+
+## Installing the sweep's libraries
+
+The README's test command installs `tests/libs/requirements.txt` (Megatron-core and light
+dependencies) with the project, then `tests/libs/no-deps.txt` (litgpt, OLMo-core and its
+`cached_path`) with `--no-deps`: their pins (`huggingface-hub<1.4`; `rich<14`, `filelock<4`,
+`huggingface-hub<2`) would replace packages the project's tests use, and nothing the sweep imports
+needs them. The package itself has no extra for these libraries: their users install them their own
+way, and the library adapters import none of them. Without the libraries the sweep's cases skip with
+the reason; in CI (`CI` set) they fail instead.
 """
 
 COLUMNS = "| Library | Model | Stack wrapped | Status | Sequence arguments | Notes |"
