@@ -52,6 +52,12 @@ class LayerAdapter:
     shared_indices = False
     #: :meth:`around` changes something: an activation-checkpoint recompute must run inside it too
     has_context = False
+    #: the layout of the family's hidden states when the caller does not say (``None``: the usual rules)
+    batch_first: bool | None = None
+
+    def signature(self) -> inspect.Signature | None:
+        """The signature that names the arguments of a ``forward(*args, **kwargs)`` (``None``: the forward's own)."""
+        return None
 
     def alignments(self) -> dict[str, Alignment]:
         """Family-specific alignments; they replace the built-ins (the user's ``seq_args`` still win)."""
@@ -301,20 +307,25 @@ _FINDERS = (_gpt_neo_local, _mpt, _beit, _t5, _deberta_v2, _deberta)
 
 
 def find_adapter(layer: nn.Module) -> LayerAdapter | None:
-    """The adapter ``layer``'s family needs, or ``None``."""
+    """The adapter ``layer``'s family needs, or ``None`` (transformers families here, other libraries in
+    :mod:`random_ltd_cli.library_adapters`)."""
+    from .library_adapters import find_library_adapter
+
     for finder in _FINDERS:
         adapter = finder(layer)
         if adapter is not None:
             return adapter
-    return None
+    return find_library_adapter(layer)
 
 
 def refusal(layer: nn.Module) -> str | None:
     """Why random-LTD cannot drop tokens in ``layer`` exactly, or ``None`` if it can."""
+    from .library_adapters import library_refusal
+
     try:
         params = inspect.signature(layer.forward).parameters
     except (TypeError, ValueError):
-        return None
+        return library_refusal(layer)
     if "input_dimensions" in params:
         return ("it partitions its tokens into 2-D windows of the image grid (Swin-style input_dimensions); a "
                 "subset of the tokens has no grid")
@@ -336,4 +347,4 @@ def refusal(layer: nn.Module) -> str | None:
     ):
         return ("its relative-attention span is computed from the number of tokens it sees (DeBERTa-style), so on "
                 "r kept tokens distances beyond r would be clipped")
-    return None
+    return library_refusal(layer)

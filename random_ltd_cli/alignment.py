@@ -132,7 +132,8 @@ def gather_axes(t: torch.Tensor, pattern: tuple[str, ...], idx: torch.Tensor, se
     for d in axes:
         shape = [1] * t.dim()
         shape[bd], shape[d] = per.shape[0], keep
-        index = per.view(shape).expand(*[keep if i == d else n for i, n in enumerate(t.shape)])
+        src = per if bd < d else per.t()  # a token axis before the batch axis (sequence-first, "s b _ d")
+        index = src.reshape(shape).expand(*[keep if i == d else n for i, n in enumerate(t.shape)])
         t = t.gather(d, index)
     return t
 
@@ -186,6 +187,8 @@ BUILTIN: dict[str, Alignment] = {
     # attention masks: [B,S], [B,S,S], [B,h,S,S], [B,h,1,S]
     **{n: MASK for n in ("attention_mask", "attn_mask", "mask", "src_mask", "src_key_padding_mask",
                          "key_padding_mask", "padding_mask")},
+    # flex-attention BlockMasks under the names torchtitan and flex code use (rebuilt for the kept tokens)
+    **{n: MASK for n in ("attention_masks", "block_mask")},
     # positions keep their original values: [1|B,S] (or mrope [3,B,S]); rotary (cos, sin) [1|B,S,D]
     "position_ids": Alignment("position_ids", "b s | _ b s", (("b", "s"), ("_", "b", "s"))),
     "position_embeddings": Alignment("rotary", "b s d | b _ s d", (("b", "s", "d"), ("b", "_", "s", "d"))),

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import refusal
+from .adapters import find_adapter, refusal
 from .alignment import parse_seq_args
 from .deepspeed_config import ConfigSource, RandomLTDConfig, read_deepspeed_config
 from .errors import ConfigError, ConversionError
@@ -432,8 +432,12 @@ def match_layers(
 
 
 def _layer_batch_first(layer: nn.Module) -> bool:
-    """The layout a layer declares (``nn.TransformerEncoderLayer`` keeps it on its attention), else ``True``."""
-    for owner in (layer, getattr(layer, "self_attn", None)):
+    """The layout a layer declares (``nn.TransformerEncoderLayer`` keeps it on its attention, open_clip's
+    blocks on ``attn``; Megatron-core's layers are sequence-first, see its adapter), else ``True``."""
+    adapter = find_adapter(layer)
+    if adapter is not None and adapter.batch_first is not None:
+        return adapter.batch_first
+    for owner in (layer, getattr(layer, "self_attn", None), getattr(layer, "attn", None)):
         value = getattr(owner, "batch_first", None)
         if isinstance(value, bool):
             return value

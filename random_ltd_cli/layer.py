@@ -52,7 +52,8 @@ POSITION_ID_NAMES = ("position_ids",)
 CACHE_NAMES = ("past_key_value", "past_key_values", "cache", "layer_past")
 # Keyword arguments that describe packed (varlen) flash-attention batches: their boundaries
 # are in token counts, which dropping would invalidate.
-PACKED_NAMES = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "cu_seqlens_q", "cu_seqlens_k")
+PACKED_NAMES = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "cu_seqlens_q", "cu_seqlens_k",
+                "cu_doc_lens", "cu_doc_lens_q", "cu_doc_lens_k", "packed_seq_params")
 
 
 class ReservedLength(Protocol):
@@ -166,7 +167,8 @@ class RandomLayerTokenDrop(nn.Module):
         calls_per_forward: int | None = None,
         verify: Literal["first", "always", "off"] = "first",
     ) -> None:
-        plan = _plan_arguments(layer, hidden_name, mask_names)
+        adapter = find_adapter(layer) if isinstance(layer, nn.Module) else None
+        plan = _plan_arguments(layer, hidden_name, mask_names, adapter.signature() if adapter else None)
         user_args = parse_seq_args(seq_args)
         call_set = _check_calls(calls, calls_per_forward)
         _check_settings(reserved_length, keep_prefix, on_unsupported)
@@ -185,7 +187,7 @@ class RandomLayerTokenDrop(nn.Module):
         self.last_indices: torch.Tensor | None = None  # [B, r] of the latest dropping call, for inspection
         self._positional_names, self._hidden_name, self._mask_names, self._accepts_kwargs, self._params = plan
         self._user_args = user_args
-        self._adapter = find_adapter(layer)
+        self._adapter = adapter
         self._alignments = self._resolve(mask_names is not None)
         self._records = SubmoduleRecords(layer)
         self._calls, self._period, self._count = call_set, int(calls_per_forward or 0), 0
@@ -467,9 +469,11 @@ def _restore(value: Any, swaps: list[tuple[Any, Any]]) -> Any:
 
 
 def _plan_arguments(
-    layer: nn.Module, hidden_name: str | None, mask_names: Iterable[str] | None
+    layer: nn.Module, hidden_name: str | None, mask_names: Iterable[str] | None,
+    signature: inspect.Signature | None = None,
 ) -> tuple[list[str], str, tuple[str, ...], bool, frozenset[str]]:
-    """Read the layer's forward signature: positional order, hidden-state and mask parameters."""
+    """Read the layer's forward signature (or ``signature``, the one a ``forward(*args, **kwargs)``
+    hands its arguments to): positional order, hidden-state and mask parameters."""
     if not isinstance(layer, nn.Module):
         raise ConversionError(f"RandomLayerTokenDrop wraps an nn.Module, got {type(layer).__name__}.")
     if isinstance(layer, RandomLayerTokenDrop):
@@ -478,13 +482,14 @@ def _plan_arguments(
             "wrap each layer once (revert_random_ltd() undoes a conversion)."
         )
     try:
-        params = list(inspect.signature(layer.forward).parameters.values())
+        own = list(inspect.signature(layer.forward).parameters.values())
     except (TypeError, ValueError) as exc:
         raise ConversionError(f"cannot read the forward signature of {type(layer).__name__}: {exc}") from exc
+    params = list(signature.parameters.values()) if signature is not None else own
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     positional = [p.name for p in params if p.kind in kinds]
     named = [p.name for p in params if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in (*params, *own))
     if hidden_name is None:
         hidden_name = next((n for n in HIDDEN_NAMES if n in named), positional[0] if positional else None)
         if hidden_name is None:
@@ -492,7 +497,7 @@ def _plan_arguments(
                 f"{type(layer).__name__}.forward has no recognisable hidden-state argument (signature: "
                 f"{_signature_text(params)}); pass hidden_name= naming the argument that holds [B,S,H] states."
             )
-    elif hidden_name not in named:
+    elif hidden_name not in named and not accepts_kwargs:
         raise ConfigError(
             f"hidden_name={hidden_name!r} is not a parameter of {type(layer).__name__}.forward "
             f"({_signature_text(params)}); name one of {named}."

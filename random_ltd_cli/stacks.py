@@ -18,21 +18,23 @@ STACKS = ("encoder", "decoder", "both")
 
 
 def _stacks(model: nn.Module) -> list[tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]]:
-    """Every ``ModuleList``/``Sequential`` holding two or more layers of one class, with a rank."""
+    """Every ``ModuleList``/``ModuleDict``/``Sequential`` holding two or more layers of one class, with a rank
+    (torchtitan and OLMo-core keep their blocks in an ``nn.ModuleDict`` keyed by layer number)."""
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
             continue
         children = list(module.named_children())
         counts = collections.Counter(type(child) for _, child in children)
         if not counts:
             continue
         cls, count = counts.most_common(1)[0]
-        if count < 2 or cls in (nn.ModuleList, nn.Sequential):
+        if count < 2 or cls in (nn.ModuleList, nn.ModuleDict, nn.Sequential):
             continue
         members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls]
         params = sum(p.numel() for _, c in members for p in c.parameters())
-        found.append(((int(isinstance(module, nn.ModuleList)), count, params), name, cls, members))
+        listed = isinstance(module, (nn.ModuleList, nn.ModuleDict))
+        found.append(((int(listed), count, params), name, cls, members))
     return found
 
 
@@ -52,7 +54,7 @@ Stack = tuple[str, type[nn.Module], list[tuple[str, nn.Module]]]
 def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]:
     """The model's stack(s) of transformer layers, each ``(container name, layer class, members)``.
 
-    Without ``stack``: the repeated class in the largest ``nn.ModuleList``; in an encoder-decoder
+    Without ``stack``: the repeated class in the largest ``nn.ModuleList`` (or ``nn.ModuleDict``); in an encoder-decoder
     model (stacks under an ``encoder`` and a ``decoder`` path) the encoder's, as in the random-LTD
     paper, which drops tokens in the layers that read the input. ``stack="encoder"``,
     ``"decoder"`` or ``"both"`` chooses explicitly (``"both"``: the encoder's, then the decoder's).
@@ -66,7 +68,7 @@ def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]
     found = _stacks(model)
     if not found:
         raise ConversionError(
-            "could not find a stack of transformer layers (an nn.ModuleList of repeated layers) in "
+            "could not find a stack of transformer layers (an nn.ModuleList or nn.ModuleDict of repeated layers) in "
             f"{type(model).__name__}; {candidates_text(model)}. "
             "Pass layer_type= or filter_fn= to choose the layers."
         )

@@ -186,11 +186,16 @@ def gather_mask(mask: Any, idx: torch.Tensor, seq_len: int, name: str = "attenti
     * ``[B, h, S, S]`` -> ``[B, h, r, r]`` (rows and columns);
     * ``[B, h, 1, S]`` -> ``[B, h, 1, r]`` (last dim only).
 
+    * a flex-attention ``BlockMask`` (self-attention, ``S x S``) -> rebuilt for the kept tokens from its
+      ``mask_mod`` at the original positions (``[B, H|1, r, r]``).
+
     Raises:
-        InputError: any other object (e.g. a flex-attention ``BlockMask``) or shape.
+        InputError: any other object or shape.
     """
     if mask is None:
         return None
+    if _is_block_mask(mask):
+        return _rebuild_block_mask(mask, idx, seq_len, name)
     if not isinstance(mask, torch.Tensor):
         raise InputError(
             f"cannot gather {name} of type {type(mask).__name__}: random-LTD gathers tensor masks of shape "
@@ -216,6 +221,33 @@ def gather_mask(mask: Any, idx: torch.Tensor, seq_len: int, name: str = "attenti
         f"[B,{seq_len}], [B,{seq_len},{seq_len}], [B,h,{seq_len},{seq_len}] or [B,h,1,{seq_len}]. "
         "A key/value cache makes the mask longer than the sequence: train without a cache."
     )
+
+
+def _is_block_mask(mask: Any) -> bool:
+    return type(mask).__name__ == "BlockMask" and hasattr(mask, "mask_mod") and hasattr(mask, "seq_lengths")
+
+
+def _rebuild_block_mask(mask: Any, idx: torch.Tensor, seq_len: int, name: str) -> Any:
+    """A flex-attention ``BlockMask`` for the kept tokens: its ``mask_mod`` evaluated at the original positions.
+
+    The new mask asks the original ``mask_mod(b, h, q, kv)`` about ``idx[b, q]`` and ``idx[b, kv]``, so
+    causal, sliding-window and document masks stay exact; it has one row per sample (``[B, H|1, r, r]``).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if tuple(mask.seq_lengths) != (seq_len, seq_len):
+        raise InputError(
+            f"cannot rebuild the flex-attention BlockMask {name!r} for sequence length {seq_len}: it was made for "
+            f"{tuple(mask.seq_lengths)} (queries, keys); random-LTD rebuilds self-attention masks only."
+        )
+    original = mask.mask_mod
+    heads = int(mask.shape[1])
+
+    def kept_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return original(b, h, idx[b, q], idx[b, kv])
+
+    batch, keep = idx.shape
+    return create_block_mask(kept_mod, batch, heads if heads > 1 else None, keep, keep, device=idx.device)
 
 
 def _gather_query_rows(m: torch.Tensor, idx: torch.Tensor, seq_len: int) -> torch.Tensor:

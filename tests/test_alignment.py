@@ -324,3 +324,18 @@ def test_adapted_layer_under_hf_gradient_checkpointing_gives_the_same_gradients(
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_token_axis_before_the_batch_axis_is_gathered_per_sample() -> None:
+    """Sequence-first arguments ("s b _ d", Megatron-core's rotary_pos_emb [s,1,1,d]): sample j keeps its own rows."""
+    s, b, d = 6, 3, 4
+    table = torch.randn(s, 1, 1, d)
+    idx = torch.tensor([[0, 2, 5], [1, 3, 4], [0, 1, 2]])
+    got = parse_alignment("s b _ d").gather(table, idx, s, "rotary_pos_emb")
+    assert got.shape == (3, b, 1, d)
+    for j in range(b):
+        assert torch.equal(got[:, j], table[idx[j], 0])
+    per_sample = torch.randn(s, b, d)
+    got = parse_alignment("s b d").gather(per_sample, idx, s, "x")
+    for j in range(b):
+        assert torch.equal(got[:, j], per_sample[idx[j], j])
