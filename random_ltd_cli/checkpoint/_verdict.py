@@ -97,11 +97,10 @@ def checkpoint_verdicts(path: Path, fmt: str, *, trust_pickle: bool) -> dict[str
     """
     if fmt == "torch":
         return pickle_verdicts(path, [""], trust_pickle=trust_pickle)
-    if fmt == "deepspeed-dir":
-        return pickle_verdicts(path, deepspeed_files(path), trust_pickle=trust_pickle)
-    if fmt == "hf-dir":
+    if fmt in ("hf-dir", "deepspeed-dir"):  # as plan_dir: a Trainer checkpoint may hold both
         names = [n for n in hf_weight_files(path, indexes(path)) if file_format(path / n) == "torch"]
-        return pickle_verdicts(path, names, trust_pickle=trust_pickle)
+        names += deepspeed_files(path) if fmt == "deepspeed-dir" else []
+        return pickle_verdicts(path, list(dict.fromkeys(names)), trust_pickle=trust_pickle)
     if fmt == "dcp-dir":
         parsed = _dcp._read(path, trust_pickle=trust_pickle).parsed  # refuses globals outside DCP's own
         return {_dcp.METADATA: judge([g.qualname for g in parsed.globals], dcp=True)}

@@ -86,24 +86,31 @@ def test_zero0_without_optimizer_strips_without_trust(ds2_out: Path, tmp_path: P
     assert info.wrapped_layers == [] and all(v.short == "safe" for v in info.pickles.values())
 
 
-def test_torch_load_of_zero_states_never_imports_deepspeed(ds2_out: Path) -> None:
-    """The library's loader builds stand-ins for the allow-listed classes: deepspeed is not imported."""
+def test_without_deepspeed_installed_strip_inspect_and_load_still_work(ds2_out: Path, tmp_path: Path) -> None:
+    """strip and inspect only parse; load_state_dict builds stand-ins: none of them imports deepspeed."""
     path = ds2_out / "zero2" / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     code = (
-        "import sys, torch\n"
-        "from random_ltd_cli.checkpoint import load_state_dict\n"
+        "import sys, runpy\n"
+        "sys.modules['deepspeed'] = None  # any import of it raises ImportError\n"
+        "from random_ltd_cli.checkpoint import inspect_checkpoint, load_state_dict\n"
         "from random_ltd_cli.errors import CheckpointError\n"
+        f"info = inspect_checkpoint({str(ds2_out / 'zero2')!r})\n"
+        f"print(info.pickles[{path.relative_to(ds2_out / 'zero2').as_posix()!r}].short)\n"
         f"try:\n    load_state_dict({str(path)!r})\nexcept CheckpointError as e:\n    print(e)\n"
-        "print('deepspeed' in sys.modules)\n"
+        f"sys.argv = ['random-ltd', 'strip', {str(ds2_out / 'zero2')!r}, '-o', {str(tmp_path / 'out')!r}]\n"
+        "try:\n    runpy.run_module('random_ltd_cli', run_name='__main__')\nexcept SystemExit as e:\n"
+        "    print('exit', e.code)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    # torch.load got through the whole pickle (loss scaler, ZeroStageEnum, fragment addresses); an
-    # optimizer-state file simply holds no model weights
-    assert out.splitlines()[0].endswith("holds no state dict (found ['optimizer_state_dict', 'ds_config', "
-                                        "'ds_version']); expected tensors at the top level or under one of "
-                                        "state_dict, module, model, model_state_dict, current_model_state, "
-                                        "model_state.")  # fmt: skip
-    assert out.splitlines()[1] == "False"
+    lines = out.splitlines()
+    assert lines[0] == "engine classes"
+    # torch.load got through the whole pickle (loss scaler, ZeroStageEnum, fragment addresses) with
+    # stand-ins; an optimizer-state file simply holds no model weights
+    assert lines[1].endswith("holds no state dict (found ['optimizer_state_dict', 'ds_config', 'ds_version']); "
+                             "expected tensors at the top level or under one of state_dict, module, model, "
+                             "model_state_dict, current_model_state, model_state.")  # fmt: skip
+    assert lines[2].startswith("Stripped 0 names (57 untouched, 50 other names)")  # side tables renamed
+    assert lines[-1] in ("exit 0", lines[2]) and (tmp_path / "out" / "latest").is_file()
 
 
 FOREIGN = ["os.system", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScalerX", "deepspeed.utils.tensor_fragment.os"]
@@ -139,3 +146,24 @@ def test_one_foreign_global_in_a_deepspeed_file_is_refused(
         verdict = json.loads(shown.stdout)["pickles"][f"global_step3/{kind}"]["verdict"]
         assert verdict == "unsafe: os.system"
         check()
+
+
+def test_model_states_with_an_allow_listed_class_load_without_trust(ds2_out: Path, tmp_path: Path) -> None:
+    """A model-states file that also pickles an allow-listed engine object loads its weights unchanged."""
+    import torch
+
+    from random_ltd_cli.checkpoint import load_state_dict
+
+    folder = tmp_path / "zero2"
+    shutil.copytree(ds2_out / "zero2", folder)
+    target = folder / "global_step3" / "mp_rank_00_model_states.pt"
+    want = load_state_dict(folder)
+    inject_file(target, "deepspeed.runtime.zero.config.ZeroStageEnum")  # ZeroStageEnum() called on load
+    assert inspect_checkpoint(folder).pickles["global_step3/mp_rank_00_model_states.pt"].verdict == (
+        "needs allow-listed engine classes: deepspeed.runtime.zero.config.ZeroStageEnum"
+    )
+    got = load_state_dict(folder)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    inject_file(target, "os.system")
+    with pytest.raises(UnsafePickleError, match="refuses: os.system"):
+        load_state_dict(folder)
