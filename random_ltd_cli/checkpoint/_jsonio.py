@@ -16,32 +16,78 @@ the ``random_ltd`` metadata value) goes through :func:`parse`:
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from ..errors import LimitExceededError, MalformedCheckpointError
 
-__all__ = ["MAX_DEPTH", "PARSE_BUDGET", "estimate", "parse", "parse_text"]
+__all__ = ["MAX_DEPTH", "PARSE_BUDGET", "estimate", "parse", "parse_text", "read_json_bytes"]
 
 MAX_DEPTH = 64
 """Deepest nesting accepted (a safetensors header needs 3 levels, a shard index 2)."""
 
-PARSE_BUDGET = 192 << 20
-"""Estimated bytes of memory a parse may use (the text, its decoded copy and the objects built)."""
+PARSE_BUDGET = 160 << 20
+"""Estimated bytes of memory a parse may use (the text, its decoded copy and the objects built).
+
+With the interpreter (about 35 MiB) and the rewritten header of a strip, the process stays
+under 256 MiB: a header of only strings may have about 53 MB, one of tensor records about
+100,000 tensors (real files have at most a few thousand per file).
+"""
 
 # Upper bounds, in bytes, of what CPython 3.10+ builds per token (a dict with its key/value
 # pairs list, a list, one item or key with its slot), measured with sys.getsizeof.
 _PER_OBJECT, _PER_ARRAY, _PER_ITEM = 240, 80, 72
+_PIECE = 8 << 20  # bytes read at a time
 
 
-def estimate(raw: bytes | str) -> int:
+def read_json_bytes(fd: int, offset: int, length: int, where: str, *, budget: int = PARSE_BUDGET) -> bytearray:
+    """Read ``length`` bytes of JSON at ``offset`` in 8 MiB pieces, stopping as soon as the text is over budget.
+
+    Refused before a byte is read when the length alone exceeds the budget (three copies of
+    the text), and while reading once the structure counted so far does: a header of a million
+    ``{}`` costs a few MiB to refuse, not the gigabytes parsing it would take.
+
+    Raises:
+        LimitExceededError: over budget.
+        EOFError: the file ends first.
+    """
+    if 3 * length > budget:
+        raise _over(where, 3 * length, budget)
+    buf = bytearray(length)
+    view = memoryview(buf)
+    need, done = 0, 0
+    while done < length:
+        got = os.preadv(fd, [view[done : done + _PIECE]], offset + done)
+        if got == 0:
+            raise EOFError(f"the file ends before byte {offset + length}")
+        need += _structure(buf[done : done + got])
+        done += got
+        if need + 3 * length > budget:
+            raise _over(where, need + 3 * length, budget)
+    view.release()
+    return buf
+
+
+def _over(where: str, need: int, budget: int) -> LimitExceededError:
+    return LimitExceededError(
+        f"{where}: parsing this JSON would need about {need >> 20} MiB of memory, more than the "
+        f"{budget >> 20} MiB allowed; a real checkpoint's JSON is far smaller."
+    )
+
+
+def estimate(raw: bytes | bytearray | str) -> int:
     """Bytes of memory :func:`parse` may need for ``raw``: three copies of the text plus its structure."""
+    return 3 * len(raw) + _structure(raw)
+
+
+def _structure(raw: bytes | bytearray | str) -> int:
     if isinstance(raw, str):
         opens, arrays = raw.count("{"), raw.count("[")
         items = raw.count(",") + raw.count(":")
     else:
         opens, arrays = raw.count(b"{"), raw.count(b"[")
         items = raw.count(b",") + raw.count(b":")
-    return 3 * len(raw) + _PER_OBJECT * opens + _PER_ARRAY * arrays + _PER_ITEM * items
+    return _PER_OBJECT * opens + _PER_ARRAY * arrays + _PER_ITEM * items
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -87,10 +133,7 @@ def parse_text(text: str, where: str, *, max_depth: int = MAX_DEPTH, budget: int
     """:func:`parse` for a JSON text already decoded (e.g. a metadata value)."""
     need = estimate(text)
     if need > budget:
-        raise LimitExceededError(
-            f"{where}: parsing this JSON would need about {need >> 20} MiB of memory, more than the "
-            f"{budget >> 20} MiB allowed; a real checkpoint's JSON is far smaller."
-        )
+        raise _over(where, need, budget)
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates)
     except RecursionError:
@@ -101,7 +144,7 @@ def parse_text(text: str, where: str, *, max_depth: int = MAX_DEPTH, budget: int
     return value
 
 
-def parse(raw: bytes, where: str, *, max_depth: int = MAX_DEPTH, budget: int = PARSE_BUDGET) -> Any:
+def parse(raw: bytes | bytearray, where: str, *, max_depth: int = MAX_DEPTH, budget: int = PARSE_BUDGET) -> Any:
     """Parse UTF-8 JSON within the bounds above.
 
     Args:
@@ -114,10 +157,7 @@ def parse(raw: bytes, where: str, *, max_depth: int = MAX_DEPTH, budget: int = P
     """
     need = estimate(raw)
     if need > budget:  # checked on the bytes, before a decoded copy exists
-        raise LimitExceededError(
-            f"{where}: parsing this JSON would need about {need >> 20} MiB of memory, more than the "
-            f"{budget >> 20} MiB allowed; a real checkpoint's JSON is far smaller."
-        )
+        raise _over(where, need, budget)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

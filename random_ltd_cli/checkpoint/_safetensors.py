@@ -23,7 +23,7 @@ from ._common import TensorInfo, plain_metadata
 from ._copy import copy_patched, size_changed
 from ._fs import open_file
 from ._io import Progress, copy_range, pread_exact, write_at
-from ._jsonio import parse
+from ._jsonio import parse, read_json_bytes
 
 __all__ = ["Header", "SafetensorsPlan", "plan_strip", "read_header", "scan"]
 
@@ -96,7 +96,7 @@ def read_header(path: Path) -> Header:
             )
         if length < 2 or 8 + length > size:
             raise _bad(path, f"the header claims {length} bytes but the file has {size}")
-        raw = pread_exact(fd, length, 8)
+        raw = read_json_bytes(fd, 8, length, f"{path} (safetensors): the header")
     except (OSError, EOFError) as exc:
         raise _bad(path, f"it cannot be read ({exc})") from exc
     finally:
@@ -275,5 +275,5 @@ def plan_strip(path: Path) -> SafetensorsPlan:
         entries[METADATA] = meta
     text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     length = header.length if len(text) <= header.length else (len(text) + 7) // 8 * 8
-    new_header = struct.pack("<Q", length) + text + b" " * (length - len(text))
+    new_header = b"".join((struct.pack("<Q", length), text, b" " * (length - len(text))))  # one copy, not two
     return SafetensorsPlan(path, header, names, side, new_header)
