@@ -223,10 +223,10 @@ def _render(report: StripReport) -> None:
             _note(f"Dry run: {report.source} holds {_plural(len(report.entries), 'checkpoint')}; would write "
                   f"{'them in place' if report.in_place else report.output}; nothing was written.")
         elif report.wrote:
-            print(f"Wrote {report.output}: {_plural(len(report.entries), 'checkpoint')}, other files copied.")
+            print(text(f"Wrote {report.output}: {_plural(len(report.entries), 'checkpoint')}, other files copied."))
         return
     if report.renamed_count == 0 and report.side_renamed_count == 0:
-        print(f"Nothing to strip: no name in {report.source} has a 'random_ltd_layer' segment.")
+        print(text(f"Nothing to strip: no name in {report.source} has a 'random_ltd_layer' segment."))
         if report.wrote:
             _note(f"Copied it unchanged to {report.output}.")
         return
@@ -239,7 +239,7 @@ def _render(report: StripReport) -> None:
         _note(f"Dry run: would rename {_names(report)} in {report.source} and write {where}; nothing was written.")
         return
     where = " (in place)" if report.in_place else ""
-    print(f"Stripped {_names(report)} from {report.source}: {report.output}{where}")
+    print(text(f"Stripped {_names(report)} from {report.source}: {report.output}{where}"))  # paths: any bytes
 
 
 def _plural(n: int, word: str) -> str:

@@ -180,3 +180,12 @@ def test_memory_stays_within_budget(tmp_path: Path) -> None:
     assert code == 0 and rss < BUDGET_MIB, (stderr, rss)
     with safe_open(str(tmp_path / "big.stripped.safetensors"), "np") as f:
         assert list(f.keys()) == ["a.w"] and len(f.metadata()["k"]) == 50_000_000
+
+
+def test_file_name_that_is_not_utf8_prints(tmp_path: Path) -> None:
+    """Paths are printed with their undecodable bytes escaped, not as a UnicodeEncodeError."""
+    path = tmp_path / os.fsdecode(b"\xff.safetensors")
+    save_file({W: torch.ones(2)}, str(path))
+    for args in (("inspect", path), ("strip", path), ("inspect", tmp_path)):
+        code, stdout, stderr, _ = cli(*args)
+        assert code == 0 and "\\udcff" in stdout, (args, stdout, stderr)
