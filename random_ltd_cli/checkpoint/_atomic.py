@@ -198,10 +198,12 @@ def patch_in_place(path: Path, offset: int, data: bytes) -> None:
     during it is not covered the way a rename is.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise write_error(path, exc) from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path} is no longer a regular file; nothing was written to it.")
         written = os.pwrite(fd, data, offset)
         if written != len(data):
             raise CheckpointError(f"short write to {path}: {written} of {len(data)} bytes")
