@@ -13,8 +13,8 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..keys import SEGMENT
-from ._fs import path_exists, read_file
-from ._jsonio import parse
+from ._fs import path_exists
+from ._jsonio import load_file
 
 __all__ = ["ADAPTER_CONFIG", "check_adapter_config"]
 
@@ -43,7 +43,7 @@ def check_adapter_config(root: Path) -> None:
     path = root / ADAPTER_CONFIG
     if not path_exists(path):
         return
-    config = parse(read_file(path, MAX_CONFIG, "adapter config"), str(path))  # bounded size and depth
+    config = load_file(path, MAX_CONFIG, "adapter config")  # bounded size, depth and memory
     fields = [str(k) for k, v in config.items()] if isinstance(config, dict) else []
     named = [k for k in fields if _mentions(config[k])]
     if named:

@@ -33,6 +33,8 @@ __all__ = [
     "stat_input",
 ]
 
+PathArg = str | os.PathLike[str]
+
 _OPEN_FLAGS = (
     os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     | getattr(os, "O_BINARY", 0)
@@ -51,7 +53,7 @@ def kind(mode: int) -> str:
     return "special file"
 
 
-def os_error(path: str | os.PathLike[str], exc: OSError) -> CheckpointError:
+def os_error(path: PathArg, exc: OSError) -> CheckpointError:
     """A file-system error while reading ``path``, as the project's error with a next step."""
     reason = exc.strerror or str(exc)
     if exc.errno == errno.ENAMETOOLONG:
@@ -65,14 +67,14 @@ def os_error(path: str | os.PathLike[str], exc: OSError) -> CheckpointError:
     return CheckpointError(f"cannot read {path}: {reason}. Check the path and retry.")
 
 
-def _not_regular(path: Path | str, mode: int, what: str = "input") -> UnsupportedFileTypeError:
+def _not_regular(path: PathArg, mode: int, what: str = "input") -> UnsupportedFileTypeError:
     return UnsupportedFileTypeError(
         f"the {what} {path} is a {kind(mode)}, not a regular file or folder; refusing to read it. "
         "Pass a checkpoint file or folder."
     )
 
 
-def path_exists(path: Path | str) -> bool:
+def path_exists(path: PathArg) -> bool:
     """Whether something (even a dangling link) is at ``path``; a path the system cannot look up counts as there."""
     try:
         os.lstat(path)
@@ -83,7 +85,7 @@ def path_exists(path: Path | str) -> bool:
     return True
 
 
-def stat_input(path: Path | str) -> os.stat_result:
+def stat_input(path: PathArg) -> os.stat_result:
     """``stat`` an input (links followed): a regular file or a folder, else raise.
 
     Raises:
@@ -99,7 +101,7 @@ def stat_input(path: Path | str) -> os.stat_result:
     return st
 
 
-def require_file(path: Path | str, what: str = "input") -> os.stat_result:
+def require_file(path: PathArg, what: str = "input") -> os.stat_result:
     """Like :func:`stat_input`, for a path that must be a regular file (a folder is refused too)."""
     st = stat_input(path)
     if stat.S_ISDIR(st.st_mode):
@@ -107,7 +109,7 @@ def require_file(path: Path | str, what: str = "input") -> os.stat_result:
     return st
 
 
-def open_file(path: Path | str) -> int:
+def open_file(path: PathArg) -> int:
     """Open a regular file for reading without blocking; the caller closes the descriptor.
 
     Raises:
@@ -125,7 +127,7 @@ def open_file(path: Path | str) -> int:
     return fd
 
 
-def read_file(path: Path | str, limit: int, what: str) -> bytes:
+def read_file(path: PathArg, limit: int, what: str) -> bytes:
     """The whole of a small regular file (an index, a config), refused beyond ``limit`` bytes.
 
     Raises:

@@ -16,8 +16,8 @@ from typing import Any
 
 from ..errors import CheckpointError, KeyCollisionError, MalformedCheckpointError
 from ..keys import rename_keys
-from ._fs import path_exists, read_file, require_file
-from ._jsonio import parse
+from ._fs import path_exists, require_file
+from ._jsonio import load_file
 
 __all__ = ["Index", "check_shard_name", "hf_weight_files", "indexes", "is_hf_dir", "renamed_index"]
 
@@ -60,7 +60,7 @@ def check_shard_name(index: Path, shard: Any) -> str:
 
 def _read_index(root: Path, name: str) -> Index | None:
     path = root / name
-    data = parse(read_file(path, MAX_INDEX, "shard index"), f"the shard index {path}")
+    data = load_file(path, MAX_INDEX, "shard index")
     if not isinstance(data, dict) or "weight_map" not in data:
         return None  # some other *.index.json
     weight_map = data["weight_map"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import LimitExceededError, MalformedCheckpointError
 
-__all__ = ["MAX_DEPTH", "PARSE_BUDGET", "estimate", "parse", "parse_text", "read_json_bytes"]
+__all__ = ["MAX_DEPTH", "PARSE_BUDGET", "estimate", "load_file", "parse", "parse_text", "read_json_bytes"]
 
 MAX_DEPTH = 64
 """Deepest nesting accepted (a safetensors header needs 3 levels, a shard index 2)."""
@@ -66,6 +66,34 @@ def read_json_bytes(fd: int, offset: int, length: int, where: str, *, budget: in
             raise _over(where, need + 3 * length, budget)
     view.release()
     return buf
+
+
+def load_file(path: str | os.PathLike[str], limit: int, what: str) -> Any:
+    """Parse a whole JSON file (an index, a config) of at most ``limit`` bytes within the bounds above.
+
+    Raises:
+        LimitExceededError: larger than ``limit``, or over the memory budget (found while reading).
+        MalformedCheckpointError: as :func:`parse`.
+        UnsupportedFileTypeError: not a regular file.
+    """
+    from ._fs import open_file, os_error
+
+    fd = open_file(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise LimitExceededError(
+                f"{path} has {size} bytes, more than the {limit} a {what} may have; it is not a real one. "
+                "Fix or remove it."
+            )
+        raw = read_json_bytes(fd, 0, size, f"the {what} {path}")
+    except EOFError as exc:
+        raise MalformedCheckpointError(f"{path} changed while it was read ({exc}); retry.") from None
+    except OSError as exc:
+        raise os_error(path, exc) from exc
+    finally:
+        os.close(fd)
+    return parse(raw, f"the {what} {path}")
 
 
 def _over(where: str, need: int, budget: int) -> LimitExceededError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -175,6 +176,13 @@ def test_memory_stays_within_budget(tmp_path: Path) -> None:
     code, stdout, stderr, rss = cli("strip", small_bomb, rss_file=tmp_path / "rss")
     assert "MiB of memory" in one_error(code, stdout, stderr) and rss < BUDGET_MIB, rss
     bomb.unlink()
+    root = tmp_path / "hf"
+    root.mkdir()
+    with open(root / "model.safetensors.index.json", "wb") as f:  # the same bomb in a shard index
+        f.write(b'{"weight_map": {}, "x": [' + b"{}," * 30_000_000 + b"{}]}")
+    code, stdout, stderr, rss = cli("inspect", root, rss_file=tmp_path / "rss")
+    assert "MiB of memory" in one_error(code, stdout, stderr) and rss < BUDGET_MIB, rss
+    shutil.rmtree(root)
     big = _long_metadata(tmp_path / "big.safetensors", 50_000_000)  # valid, near the largest accepted
     code, stdout, stderr, rss = cli("strip", big, rss_file=tmp_path / "rss")
     assert code == 0 and rss < BUDGET_MIB, (stderr, rss)
