@@ -134,10 +134,14 @@ def _extent(path: Path, name: str, info: Any) -> tuple[int, int]:
     begin, end = offsets
     if begin > end:
         raise _bad(path, f"tensor {name!r} has data_offsets [{begin}, {end}], which end before they begin")
+    width = DTYPES[dtype][1]
+    if width < 8 and (not shape or shape[-1] * width % 8):  # 4- and 6-bit types pack whole bytes per row
+        raise _bad(path, f"tensor {name!r} of the {width}-bit dtype {dtype} has the shape {shape}, whose last "
+                         "dimension does not fill whole bytes")
     numel = 1
     for d in shape:
         numel *= d
-    bits = numel * DTYPES[dtype][1]
+    bits = numel * width
     if bits != (end - begin) * 8:
         raise _bad(path, f"tensor {name!r} has {end - begin} bytes, not the {bits / 8:g} its shape and dtype need")
     return begin, end

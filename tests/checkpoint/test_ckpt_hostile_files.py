@@ -62,7 +62,9 @@ BAD_SAFETENSORS = [
     ({W: entry(offsets=[-1, 3])}, b"x" * 4, MalformedCheckpointError, "not two non-negative integers"),
     ({W: entry(offsets=[4, 0])}, b"x" * 4, MalformedCheckpointError, "end before they begin"),
     ({W: {"dtype": "U8"}}, b"", MalformedCheckpointError, "lacks dtype, shape or data_offsets"),
-    ({W: entry(dtype="F4", shape=[3], offsets=[0, 2])}, b"x" * 2, MalformedCheckpointError, "not the 1.5"),
+    ({W: entry(dtype="F4", shape=[4], offsets=[0, 3])}, b"x" * 3, MalformedCheckpointError, "not the 2"),
+    ({W: entry(dtype="F4", shape=[0, 3], offsets=[0, 0])}, b"", MalformedCheckpointError, "whole bytes"),  # fuzz
+    ({W: entry(dtype="F4", shape=[], offsets=[0, 0])}, b"", MalformedCheckpointError, "whole bytes"),
     ({"__metadata__": {"k": 1}, W: entry()}, b"x" * 4, MalformedCheckpointError, "map strings to strings"),
     ('{"' + W + '": 1, "' + W + '": 2}', b"", MalformedCheckpointError, "duplicate key"),
     ('{"\\ud800": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}', b"x" * 4, MalformedCheckpointError,
