@@ -87,7 +87,8 @@ def strip_checkpoint(
         in_place: rewrite the input itself (a safetensors file: only its header).
         dry_run: compute and return the renames; write nothing.
         trust_pickle: accept torch pickles that name globals outside torch's
-            ``weights_only`` allowlist (they are still never executed here).
+            ``weights_only`` allowlist and the engine allowlist (DeepSpeed's inert ZeRO classes,
+            matched by exact name); they are still never executed here.
         overwrite: replace an existing output file (the CLI's ``--force``). Without it an
             existing output is refused (:class:`OutputExistsError`), also in a dry run. A
             folder output must be missing or empty either way; a link, FIFO, socket or device
@@ -121,7 +122,8 @@ def inspect_checkpoint(path: PathLike, *, trust_pickle: bool = False) -> Checkpo
 
     Returns:
         A :class:`CheckpointInfo`; ``metadata["random_ltd"]`` holds recorded random-LTD
-        settings, parsed from JSON, when the checkpoint has them.
+        settings, parsed from JSON, when the checkpoint has them; ``pickles`` the globals and
+        safety verdict of every pickle strip would read.
 
     Raises:
         UnsafePickleError, CheckpointError: as for :func:`strip_checkpoint`.
@@ -135,7 +137,9 @@ def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, 
     """Load the model weights of any supported checkpoint as a plain state dict (on CPU).
 
     torch files are checked for unsafe globals first, then loaded with
-    ``weights_only=True`` (and memory-mapped where the layout allows); nestings such as
+    ``weights_only=True`` (and memory-mapped where the layout allows); an allow-listed engine
+    class (e.g. a ZeRO loss scaler) is built as an inert stand-in, never imported from the engine's
+    package; nestings such as
     ``{"state_dict": ...}`` or DeepSpeed's ``{"module": ...}`` are unwrapped; a Hugging
     Face folder's shards are merged.
 

@@ -85,6 +85,11 @@ class CheckpointInfo:
             ``"RNG state"``, ``"training arguments"``...); copied unchanged by strip.
         entries: for a run folder (``"run-dir"``), each checkpoint inside, inspected on its own (the
             totals above add them up; nothing is merged).
+        pickles: for every pickle strip reads (torch files, DeepSpeed model and optimizer states, DCP
+            ``.metadata``), by path relative to a folder (the file's name for a file): the globals it
+            names, what allows each (``"torch"``, ``"engine"``, ``"dcp"`` or ``None``) and the file's
+            safety verdict (``"safe to torch.load(weights_only=True)"``, ``"needs allow-listed engine
+            classes: ..."``, ``"unsafe: ..."``).
     """
 
     format: str
@@ -99,6 +104,7 @@ class CheckpointInfo:
     kind: str = "file"
     side_files: dict[str, str] = field(default_factory=dict)
     entries: list[CheckpointInfo] = field(default_factory=list)
+    pickles: dict[str, Any] = field(default_factory=dict)  # relative path -> _verdict.PickleVerdict
 
     def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
         """A JSON-ready dict; ``tensors=True`` adds the per-tensor list."""
@@ -113,6 +119,7 @@ class CheckpointInfo:
             "files": list(self.files),
             "kind": self.kind,
             "side_files": dict(self.side_files),
+            "pickles": {name: v.to_dict() for name, v in self.pickles.items()},
         }
         if self.entries:
             out["checkpoints"] = [e.to_dict(tensors=tensors) for e in self.entries]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, UnsafePickleError
+from ._allowlist import torch_stand_ins
 from ._atomic import atomic_file, atomic_path
 from ._common import TORCH_SUFFIXES
 from ._dcp import CONSOLIDATE_HINT
@@ -18,7 +19,7 @@ from ._deepspeed_dir import ZERO3_HINT, is_zero3, model_state_files
 from ._detect import detect_format, file_format
 from ._hf_dir import hf_weight_files, indexes
 from ._safetensors import read_header
-from ._torch import read_torch
+from ._torch import canonical, read_torch
 from ._torch_names import CONTAINER_KEYS
 
 __all__ = ["load_state_dict", "save_state_dict"]
@@ -45,8 +46,12 @@ def _unwrap(path: Path, obj: Any) -> dict[str, torch.Tensor]:
 
 def _load_torch_file(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor]:
     tf = read_torch(path, trust_pickle=trust_pickle)  # refuses unsafe globals before torch sees the file
+    # allow-listed engine classes (e.g. a ZeRO loss scaler) are built as inert stand-ins: the engine's
+    # package is never imported, and only torch's own allowlist and EngineRecord can be called
+    stand_ins = torch_stand_ins(canonical(g.qualname) for g in tf.parsed.globals)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=tf.kind == "zip")
+        with torch.serialization.safe_globals(stand_ins):
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=tf.kind == "zip")
     except pickle.UnpicklingError as exc:
         raise UnsafePickleError(
             f"torch.load(weights_only=True) refused {path}: {str(exc).splitlines()[0]} "

@@ -21,6 +21,7 @@ from ._io import Progress, ProgressFn
 from ._report import CheckpointInfo, StripReport
 from ._run import checkpoint_default_output, folder_kind, natural_key, run_entries, side_files
 from ._torch import wrapped_side_names
+from ._verdict import checkpoint_verdicts
 
 __all__ = ["default_output", "inspect", "strip"]
 
@@ -245,6 +246,7 @@ def _inspect(path: Path, *, trust_pickle: bool) -> CheckpointInfo:
     if path.is_dir():
         info.kind = folder_kind(path, fmt)
         info.side_files = side_files(path, files)
+    info.pickles = checkpoint_verdicts(path, fmt, trust_pickle=trust_pickle)
     return info
 
 

@@ -139,20 +139,40 @@ def _info_table(info: Any, data: dict[str, Any]) -> Table:
             table.add_row(escape(f"random-LTD {key}"), escape(str(shown)))
     elif settings:
         table.add_row("random-LTD settings", escape(str(settings)))
+    if info.pickles:
+        table.add_row("pickle safety", escape(_pickle_lines(info.pickles)))
     return table
+
+
+def _pickle_lines(pickles: dict[str, Any]) -> str:
+    """One line per verdict: the verdict, then the files that have it (the first few)."""
+    groups: dict[str, list[str]] = {}
+    for name, verdict in pickles.items():
+        groups.setdefault(verdict.verdict, []).append(name)
+    lines = []
+    for verdict, names in groups.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"{verdict} ({shown})")
+    return "\n".join(lines)
 
 
 def _run_table(info: Any) -> Table:
     count = f"{len(info.entries)} checkpoint{'s' if len(info.entries) != 1 else ''}"
     table = Table(title=escape(text(f"{info.path} ({_kind(info)}): {count}")), title_justify="left")
-    for col in ("checkpoint", "format or kind", "tensors", "parameters", "wrapped layers"):
+    for col in ("checkpoint", "format or kind", "tensors", "parameters", "wrapped layers", "pickles"):
         table.add_column(col, no_wrap=col in ("checkpoint", "format or kind"))
     for e in info.entries:
         wrapped = [text(w) for w in e.wrapped_layers]
         shown = f"{len(wrapped)} ({_span(wrapped)})" if wrapped else "none"
         table.add_row(escape(text(e.path.name)), escape(_kind(e, short=True)), str(e.tensor_count),
-                      human_count(e.parameter_count), escape(shown))
+                      human_count(e.parameter_count), escape(shown), _pickle_short(e.pickles))
     return table
+
+
+def _pickle_short(pickles: dict[str, Any]) -> str:
+    """The worst verdict of a checkpoint's pickles: ``unsafe``, ``engine classes``, ``dcp metadata``, ``safe``, or -."""
+    shorts = {v.short for v in pickles.values()}
+    return next((s for s in ("unsafe", "engine classes", "dcp metadata", "safe") if s in shorts), "-")
 
 
 def _span(names: list[str]) -> str:

@@ -32,7 +32,7 @@ TrustOption = Annotated[
     bool,
     typer.Option(
         "--trust-pickle",
-        help="Accept torch pickles that name globals outside torch's weights_only allowlist "
+        help="Accept torch pickles that name globals outside torch's weights_only allowlist and the engine allowlist "
         "(random-ltd still never runs them; the output will need the same trust to load).",
     ),
 ]

@@ -44,7 +44,7 @@ def test_zero2_and_zero3_train_with_tokens_dropped_strip_and_reload_into_the_pla
     for stage in (2, 3):
         shutil.copytree(ds_out / f"zero{stage}", out / f"zero{stage}")
         shutil.copy(ds_out / f"zero{stage}.json", out)
-        report = strip_checkpoint(out / f"zero{stage}", trust_pickle=True)  # ZeRO optimizer states name DS classes
+        report = strip_checkpoint(out / f"zero{stage}")  # ZeRO optimizer states: allow-listed DeepSpeed classes only
         assert report.wrote and report.side_renamed
     run_worker("_ds_worker.py", "reload", str(out), str(free_port()))
     for stage in (2, 3):
@@ -93,12 +93,12 @@ def test_plain_module_with_wrapped_side_tables_is_reported(ds_out: Path) -> None
     info = inspect_checkpoint(folder)
     assert info.wrapped_layers == ["transformer.h.1", "transformer.h.2"]  # module is plain, side tables are not
     assert not any(".random_ltd_layer." in t.name for t in info.tensors)
-    report = strip_checkpoint(folder, dry_run=True, trust_pickle=True)
+    report = strip_checkpoint(folder, dry_run=True)
     assert report.renamed == []
     assert ("transformer.h.1.random_ltd_layer.scale", "transformer.h.1.scale") in report.side_renamed
     assert len(report.side_renamed) == 25  # 24 parameters and 1 buffer of the two wrapped blocks
     cli = subprocess.run(
-        [sys.executable, "-m", "random_ltd_cli", "strip", str(folder), "--dry-run", "--trust-pickle"],
+        [sys.executable, "-m", "random_ltd_cli", "strip", str(folder), "--dry-run"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "transformer.h.1.random_ltd_layer.scale -> transformer.h.1.scale (side table)\n" in cli.stdout
