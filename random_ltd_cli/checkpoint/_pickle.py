@@ -48,13 +48,15 @@ MAX_DEPTH = 10_000
 """Deeper MARK nesting than this is refused (no real checkpoint comes close)."""
 MAX_NESTING = 1_000
 """Tuples and frozensets nested deeper than this are refused (real checkpoints nest a few levels)."""
-MAX_COST = 64 << 20
+MAX_COST = 80 << 20
 """Estimated bytes of Python objects one pickle may build (about 25,000 tensors in one state dict)."""
+MAX_OPS = 1_000_000
+"""Opcodes one pickle may run (about 40,000 tensors); bounds the time a hostile pickle can take."""
 MAX_RISKY_KEYS = 1_000
 """Dict keys and set members whose hash an attacker could choose (huge integers) allowed per pickle."""
 
 _SMALL_INT = 1 << 60  # ints below this in magnitude have distinct hashes (Python hashes ints modulo 2**61 - 1)
-_OP, _REF, _SLOT, _OBJ = 64, 16, 100, 120  # cost: per opcode, per list/tuple item, per dict/set item, per record
+_OP, _REF, _SLOT, _OBJ = 24, 16, 100, 120  # cost: per opcode, per list/tuple item, per dict/set item, per record
 
 
 class PickleError(Exception):
@@ -132,6 +134,7 @@ class _Machine:
         self.done = False
         self.result: Any = None
         self.cost = 0
+        self.ops = 0
         self.risky = 0
         self.nesting: dict[int, tuple[int, bool, Any]] = {}  # id -> (depth, holds a risky int, the object)
 
@@ -199,9 +202,12 @@ class _Machine:
     # --- the opcode loop ------------------------------------------------------------------
 
     def step(self, name: str, arg: Any, pos: int) -> None:
-        self.charge(_OP)
+        self.cost += _OP
+        self.ops += 1
+        if self.ops > MAX_OPS:
+            raise PickleLimitError(f"the pickle runs more than {MAX_OPS} opcodes (this reader's time budget)")
         if name in _STRING_OPS and isinstance(arg, str):
-            self.charge(len(arg) * 4 + 64)
+            self.charge(len(arg) * 4 + _OBJ)  # a PStr with its position: about 120 bytes, plus up to 4 per character
             self.stack.append(PStr(arg, pos, _OPCODE_BYTE[name]))
         elif name in _PUSH_ARG:
             self.charge(len(arg) + 64 if isinstance(arg, (bytes, bytearray)) else _size_of_number(arg))
@@ -212,6 +218,7 @@ class _Machine:
         elif name == "MARK":
             if len(self.metastack) >= MAX_DEPTH:
                 raise PickleLimitError(f"the pickle nests MARK deeper than {MAX_DEPTH} levels")
+            self.charge(_OBJ)
             self.metastack.append(self.stack)
             self.stack = []
         elif name in _HANDLERS:

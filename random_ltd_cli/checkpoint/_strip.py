@@ -18,7 +18,7 @@ from ._dir import DirPlan, RunEntry, plan_dir, plan_run, scan_dir, write_dir, wr
 from ._io import Progress, ProgressFn
 from ._report import CheckpointInfo, StripReport
 from ._run import checkpoint_default_output, folder_kind, natural_key, run_entries, side_files
-from ._torch import wrapped_side_names
+from ._torch import reuse_reads, wrapped_side_names
 
 __all__ = ["default_output", "inspect", "strip"]
 
@@ -166,7 +166,11 @@ def _report(
 
 def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> CheckpointInfo:
     """Implementation of :func:`random_ltd_cli.checkpoint.inspect_checkpoint`."""
-    path = Path(path)
+    with reuse_reads():  # a torch file is read for its tensors, side tables and globals: parse it once
+        return _inspect(Path(path), trust_pickle=trust_pickle)
+
+
+def _inspect(path: Path, *, trust_pickle: bool) -> CheckpointInfo:
     fmt = detect_format(path)
     if fmt == "run-dir":
         return _inspect_run(path, trust_pickle=trust_pickle)

@@ -15,10 +15,12 @@ caller passes ``trust_pickle=True``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,9 @@ from ._pickle import (
 from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta, walk
 from ._zip import ZipError, ZipLimitError, ZipRecord, patch_record, read_directory, read_record
 
-__all__ = ["TorchFile", "TorchPlan", "is_safe_global", "plan_strip", "printable", "read_torch", "scan"]
+__all__ = [
+    "TorchFile", "TorchPlan", "is_safe_global", "plan_strip", "printable", "read_torch", "reuse_reads", "scan",
+]  # fmt: skip
 
 ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -160,29 +164,60 @@ def read_torch(path: Path, *, trust_pickle: bool = False) -> TorchFile:
         CheckpointError: not a torch checkpoint.
     """
     path = Path(path)
-    guard = _Guard(path, trust_pickle)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 4, 0)
-        try:
-            if head == ZIP_MAGIC:
-                tf = _read_zip(path, fd, size, guard)
-            elif head[:1] == b"\x80":
-                tf = _read_legacy(path, fd, size, guard)
-            else:
-                raise CheckpointError(f"{path} is not a torch checkpoint (no ZIP or pickle signature).")
-        except (ZipLimitError, PickleLimitError) as exc:
-            raise CheckpointLimitError(
-                f"{path} exceeds a safety limit of this reader: {exc}. random-ltd refuses it rather than risk "
-                "its memory; if the file is genuine, load it with torch and save a smaller structure."
-            ) from exc
-        except (ZipError, PickleError, EOFError) as exc:
-            raise CorruptCheckpointError(
-                f"{path} is a truncated or corrupted torch checkpoint: {exc}. Re-save or re-download it."
-            ) from exc
+        st = os.fstat(fd)
+        key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, trust_pickle)
+        if _cache.depth and _cache.last is not None and _cache.last[0] == key:
+            return _cache.last[1]
+        _cache.last = None  # never hold two parsed files at once (the memory budget counts one)
+        tf = _read(path, fd, st.st_size, _Guard(path, trust_pickle))
     finally:
         os.close(fd)
+    if _cache.depth:
+        _cache.last = (key, tf)
+    return tf
+
+
+class _Cache:
+    depth = 0
+    last: tuple[tuple[Any, ...], TorchFile] | None = None
+
+
+_cache = _Cache()
+
+
+@contextlib.contextmanager
+def reuse_reads() -> Iterator[None]:
+    """Within this block, reading the same unchanged file again returns the first parse (inspect reads a
+    file up to three times); outside it every call parses afresh."""
+    _cache.depth += 1
+    try:
+        yield
+    finally:
+        _cache.depth -= 1
+        if not _cache.depth:
+            _cache.last = None
+
+
+def _read(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
+    head = os.pread(fd, 4, 0)
+    try:
+        if head == ZIP_MAGIC:
+            tf = _read_zip(path, fd, size, guard)
+        elif head[:1] == b"\x80":
+            tf = _read_legacy(path, fd, size, guard)
+        else:
+            raise CheckpointError(f"{path} is not a torch checkpoint (no ZIP or pickle signature).")
+    except (ZipLimitError, PickleLimitError) as exc:
+        raise CheckpointLimitError(
+            f"{path} exceeds a safety limit of this reader: {exc}. random-ltd refuses such files without reading "
+            "further; if it is genuine, load it with torch where you trust it and save a smaller structure."
+        ) from exc
+    except (ZipError, PickleError, EOFError) as exc:
+        raise CorruptCheckpointError(
+            f"{path} is a truncated or corrupted torch checkpoint: {exc}. Re-save or re-download it."
+        ) from exc
     tf.globals = list(guard.seen.values())
     return tf
 

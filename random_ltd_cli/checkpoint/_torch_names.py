@@ -101,17 +101,31 @@ class TreeRenames:
         return list(dict.fromkeys((str(old), new) for old, new in pairs))
 
 
+_LEAVES = frozenset({str, PStr, bytes, bytearray, int, float, bool, type(None), Global})
+_SEQUENCES = frozenset({list, tuple, set, frozenset})
+
+
 def walk(root: Any) -> Iterator[Any]:
-    """Every node reachable from ``root``, breadth first, each once."""
+    """Every container, record and persistent id reachable from ``root``, breadth first, each once.
+
+    A loop, not a recursion: the tree may be deep, shared or cyclic. Dispatches on exact types
+    (the parser builds only plain containers), which keeps it fast on large trees.
+    """
     seen: set[int] = set()
     queue = deque([root])
     while queue:
         node = queue.popleft()
-        if id(node) in seen or isinstance(node, (str, bytes, int, float, bool, type(None), Global)):
+        kind = type(node)
+        if kind in _LEAVES or id(node) in seen:
             continue
         seen.add(id(node))
         yield node
-        queue.extend(children(node))
+        if kind is dict:
+            queue.extend(node.values())
+        elif kind in _SEQUENCES:
+            queue.extend(node)
+        else:
+            queue.extend(children(node))
 
 
 def _rename_mapping_keys(pairs: list[tuple[Any, Any]], plan: TreeRenames, *, side: bool) -> None:
