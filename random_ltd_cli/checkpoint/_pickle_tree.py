@@ -14,7 +14,22 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Global", "Instance", "PStr", "Persistent", "children", "describe", "mapping_items", "substitute"]
+__all__ = [
+    "Global", "Instance", "PStr", "Persistent", "PickleError", "PickleLimitError", "PickleTruncatedError", "children",
+    "describe", "mapping_items", "substitute",
+]  # fmt: skip
+
+class PickleError(Exception):
+    """The byte stream is not a pickle this module can read (the caller adds the file name)."""
+
+
+class PickleTruncatedError(PickleError):
+    """The bytes end before the pickle's STOP opcode (a truncated file, or a window too short)."""
+
+
+class PickleLimitError(PickleError):
+    """The pickle exceeds one of this reader's limits (nesting, object budget, hostile keys)."""
+
 
 # String opcodes whose payload we can re-encode: opcode byte -> width of the length field.
 _LENGTH_WIDTH = {b"X"[0]: 4, b"\x8c"[0]: 1, b"\x8d"[0]: 8}
@@ -134,8 +149,6 @@ def substitute(
     Raises:
         PickleError: a string was produced by an opcode that cannot be re-encoded (protocol 0).
     """
-    from ._pickle import PickleError  # defined beside the parser, which imports this module
-
     edits: dict[int, tuple[int, bytes]] = {}  # offset in data -> (bytes replaced, replacement)
     for old, new in renames:
         width = _LENGTH_WIDTH.get(old.opcode)

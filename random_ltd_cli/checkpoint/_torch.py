@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import struct
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,20 +33,19 @@ from ..errors import (
 )
 from ._common import TensorInfo, plain_metadata
 from ._copy import copy_patched
-from ._io import Progress, copy_range, pread_exact, write_at
+from ._io import Progress, copy_range, write_at
 from ._pickle import (
     Global,
     Parsed,
-    Persistent,
     PickleError,
     PickleLimitError,
-    PickleTruncatedError,
     describe,
     mapping_items,
     parse,
     substitute,
 )
-from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta, walk
+from ._torch_legacy import ITEMSIZE, MAX_PICKLE, read_legacy, storages
+from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta
 from ._zip import ZipError, ZipLimitError, ZipRecord, patch_record, read_directory, read_record
 
 __all__ = [
@@ -55,10 +53,6 @@ __all__ = [
 ]  # fmt: skip
 
 ZIP_MAGIC = b"PK\x03\x04"
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-LEGACY_PROTOCOL = 1001
-MAX_PICKLE = 32 << 20
-"""Bytes in one pickle (a state dict's is about 120 bytes per tensor): larger ones are refused."""
 
 _SAFE = frozenset(
     {
@@ -206,7 +200,8 @@ def _read(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
         if head == ZIP_MAGIC:
             tf = _read_zip(path, fd, size, guard)
         elif head[:1] == b"\x80":
-            tf = _read_legacy(path, fd, size, guard)
+            parsed, data = read_legacy(path, fd, size, guard)
+            tf = TorchFile(path, "legacy", parsed, data, size)
         else:
             raise CheckpointError(f"{path} is not a torch checkpoint (no ZIP or pickle signature).")
     except (ZipLimitError, PickleLimitError) as exc:
@@ -236,101 +231,12 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
         raise ZipError(f"the record {strays[0]!r} lies outside the archive folder {prefix!r}")
     data = read_record(fd, record, limit=MAX_PICKLE)
     parsed = guard(parse(data))
-    for key, (type_name, numel) in _storages(parsed.root).items():
+    for key, (type_name, numel) in storages(parsed.root).items():
         rec = records.get(f"{prefix}data/{key}")
-        need = numel * _ITEMSIZE.get(type_name, 1)
+        need = numel * ITEMSIZE[type_name]
         if rec is None or rec.usize < need:
             raise ZipError(f"storage record data/{key} is missing or shorter than its {numel} elements")
-        if rec.method != 0:
-            raise ZipError(f"storage record data/{key} is compressed; torch reads tensor bytes stored as they are")
     return TorchFile(path, "zip", parsed, data, size, record, records)
-
-
-def _parse_at(fd: int, size: int, offset: int) -> tuple[Parsed, bytes]:
-    """The pickle at ``offset`` of the file and its bytes, read through a window that grows up to MAX_PICKLE."""
-    window = 64 << 10
-    while True:
-        length = min(size - offset, window)
-        data = pread_exact(fd, length, offset) if length > 0 else b""
-        try:
-            parsed = parse(data, base=offset)
-        except PickleTruncatedError:
-            if offset + length >= size:
-                raise
-            if window >= MAX_PICKLE:
-                raise PickleLimitError(f"a pickle at byte {offset} is longer than {MAX_PICKLE >> 20} MiB") from None
-            window = min(window * 8, MAX_PICKLE)
-            continue
-        return parsed, data[: parsed.end - offset]
-
-
-def _read_legacy(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
-    magic = guard(_parse_at(fd, size, 0)[0])
-    if type(magic.root) is not int or magic.root != LEGACY_MAGIC:
-        raise CheckpointError(f"{path} is a plain pickle, not a torch checkpoint; random-ltd does not read it.")
-    version = guard(_parse_at(fd, size, magic.end)[0])
-    if type(version.root) is not int or version.root != LEGACY_PROTOCOL:
-        raise PickleError(f"the legacy format version is {describe(version.root)}, not {LEGACY_PROTOCOL}")
-    sys_info = guard(_parse_at(fd, size, version.end)[0])
-    if not isinstance(sys_info.root, dict):
-        raise PickleError("the legacy system-info record is not a dict")
-    parsed, data = _parse_at(fd, size, sys_info.end)
-    guard(parsed)
-    keys = guard(_parse_at(fd, size, parsed.end)[0])
-    _check_legacy_storages(fd, parsed, keys, size)
-    return TorchFile(path, "legacy", parsed, data, size)
-
-
-_ITEMSIZE = {
-    "FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
-    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
-    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "QInt8Storage": 1, "QUInt8Storage": 1,
-    "QInt32Storage": 4, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1, "UntypedStorage": 1,
-}  # fmt: skip
-
-
-def _storages(root: Any) -> dict[str, tuple[str, int]]:
-    """Storage key -> (storage class name, element count), from the persistent ids in the tree.
-
-    Raises:
-        PickleError: a storage of an unknown type, or a negative or contradictory element count.
-    """
-    found: dict[str, tuple[str, int]] = {}
-    for node in walk(root):
-        if isinstance(node, Persistent) and isinstance(node.pid, tuple) and len(node.pid) >= 5:
-            _, kind, key, _, numel = node.pid[:5]
-            if isinstance(kind, Global) and isinstance(key, str) and type(numel) is int:
-                if kind.name not in _ITEMSIZE or numel < 0:
-                    raise PickleError(f"storage {describe(key)} has type {describe(kind.name)} and {numel} elements")
-                if found.setdefault(str(key), (kind.name, numel)) != (kind.name, numel):
-                    raise PickleError(f"storage {describe(key)} is described twice, differently")
-    return found
-
-
-def _check_legacy_storages(fd: int, parsed: Parsed, keys: Parsed, size: int) -> None:
-    """Walk the raw storages after the pickles (element counts only) and check that they end at EOF."""
-    storages = _storages(parsed.root)
-    listed = keys.root
-    if (
-        not isinstance(listed, list)
-        or not all(isinstance(k, str) for k in listed)
-        or len(set(listed)) != len(listed)
-        or set(listed) != set(storages)
-    ):
-        raise PickleError("the storage key list does not match the pickled structure")
-    pos = keys.end
-    for key in listed:
-        type_name, numel = storages[key]
-        if pos + 8 > size:
-            raise PickleError(f"the file ends inside storage {describe(key)}")
-        (count,) = struct.unpack("<q", pread_exact(fd, 8, pos))
-        if count != numel:
-            raise PickleError(f"storage {describe(key)} holds {count} elements but the pickle says {numel}")
-        pos += 8 + count * _ITEMSIZE[type_name]
-        if pos > size:
-            raise PickleError(f"the file ends inside storage {describe(key)}")
-    if pos != size:
-        raise PickleError(f"the storages end at byte {pos} but the file has {size} bytes")
 
 
 # --- inspection -------------------------------------------------------------------------

@@ -311,7 +311,12 @@ def patch_record(fd: int, rec: ZipRecord, data: bytes) -> list[tuple[int, bytes]
     ``data`` must not be longer than the record. Every other record keeps its offset. The
     writes are computed (and every check made) before anything is written.
     """
-    if rec.method != 0 or len(data) > rec.usize:
+    if rec.method != 0:
+        raise ZipError(
+            f"record {rec.name!r} is compressed; strip rewrites it only stored uncompressed, as torch.save writes it "
+            "(load the file with torch and save it again)"
+        )
+    if len(data) > rec.usize:
         raise ZipError(f"record {rec.name!r} cannot be replaced in place")
     shrink = rec.usize - len(data)
     crc = zlib.crc32(data)
