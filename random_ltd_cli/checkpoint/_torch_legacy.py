@@ -39,7 +39,7 @@ def parse_at(fd: int, size: int, offset: int) -> tuple[Parsed, bytes]:
             if offset + length >= size:
                 raise
             if window >= MAX_PICKLE:
-                raise PickleLimitError(f"a pickle at byte {offset} is longer than {MAX_PICKLE >> 20} MiB") from None
+                raise PickleLimitError(f"a pickle at byte {offset} is longer than {MAX_PICKLE} bytes") from None
             window = min(window * 8, MAX_PICKLE)
             continue
         return parsed, data[: parsed.end - offset]

@@ -152,31 +152,46 @@ def deflate_bomb(path: Path, *, inflated: int, declared: int | None = None, crc:
     return raw_zip(path, [("archive/data.pkl", 8, body, usize, crc if crc is not None else true_crc)])
 
 
-def raw_zip(path: Path, records: list[tuple[str, int, bytes, int, int]], *, zip64: bool = True) -> Path:
-    """A ZIP written field by field: ``(name, method, stored bytes, uncompressed size, crc)`` per record."""
+def raw_zip(
+    path: Path,
+    records: list[tuple[str, int, bytes, int, int]],
+    *,
+    zip64: bool = True,
+    flags: int = 0,
+    local_names: dict[str, str] | None = None,
+    count_delta: int = 0,
+) -> Path:
+    """A ZIP written field by field: ``(name, method, stored bytes, uncompressed size, crc)`` per record.
+
+    ``flags`` go into every header, ``local_names`` replace names in the local headers only, and
+    ``count_delta`` is added to the entry count of the end records (all to build inconsistent archives).
+    """
     out = bytearray()
     central = bytearray()
     for name, method, body, usize, crc in records:
         raw = name.encode()
+        local_raw = (local_names or {}).get(name, name).encode()
         offset = len(out)
         big = usize >= 0xFFFFFFFF or len(body) >= 0xFFFFFFFF
         extra = struct.pack("<HHQQ", 1, 16, usize, len(body)) if big else b""
         sizes = (0xFFFFFFFF, 0xFFFFFFFF) if big else (len(body), usize)
-        out += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 45, 0, method, 0, 0x21, crc, *sizes, len(raw), len(extra))
-        out += raw + extra + body
+        out += struct.pack(
+            "<4sHHHHHIIIHH", b"PK\x03\x04", 45, flags, method, 0, 0x21, crc, *sizes, len(local_raw), len(extra)
+        )
+        out += local_raw + extra + body
         cextra = struct.pack("<HHQQ", 1, 16, usize, len(body)) if big else b""
         central += struct.pack(
-            "<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, method, 0, 0x21, crc, *sizes, len(raw), len(cextra),
+            "<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, flags, method, 0, 0x21, crc, *sizes, len(raw), len(cextra),
             0, 0, 0, 0, offset,
         )  # fmt: skip
         central += raw + cextra
     cd_offset = len(out)
     out += central
+    count = len(records) + count_delta
     if zip64:
         eocd64 = len(out)
-        out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, len(records), len(records),
-                           len(central), cd_offset)  # fmt: skip
+        out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(central), cd_offset)
         out += struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64, 1)
-    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(records), len(records), len(central), cd_offset, 0)
+    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, len(central), cd_offset, 0)
     path.write_bytes(bytes(out))
     return path

@@ -253,7 +253,6 @@ def _budget_bomb(path: Path) -> Path:
 
 
 def test_bombs_stay_within_the_memory_budget(tmp_path: Path) -> None:
-    assert os.path.getsize(tmp_path / "bomb.pt") < 2 << 20 if (tmp_path / "bomb.pt").exists() else True
     for name, (path, message) in _bombs(tmp_path).items():
         peak, proc = _peak_rss_mib("inspect", str(path))
         assert proc.returncode == 1, (name, proc.stdout, proc.stderr)
