@@ -189,9 +189,13 @@ class _Machine:
     def hashable(self, container: tuple[Any, ...] | frozenset[Any], items: Any) -> Any:
         """Record a new tuple's or frozenset's depth; refuse it past MAX_NESTING."""
         depth, risky = 1, False
-        for item in items:
-            d, r = self.key_info(item)
-            depth, risky = max(depth, d + 1), risky or r
+        for item in items:  # key_info, inlined: this runs for every tuple of every tensor record
+            kind = type(item)
+            if kind is int:
+                risky = risky or not -_SMALL_INT < item < _SMALL_INT
+            elif kind is tuple or kind is frozenset:
+                d, r, _ = self.nesting.get(id(item), (1, False, None))
+                depth, risky = max(depth, d + 1), risky or r
         if depth > MAX_NESTING:
             raise PickleLimitError(f"the pickle nests tuples or sets deeper than {MAX_NESTING} levels")
         if depth > 1 or risky:
@@ -211,11 +215,14 @@ class _Machine:
     # --- the opcode loop ------------------------------------------------------------------
 
     def step(self, name: str, arg: Any, pos: int) -> None:
-        self.cost += OP_COST
         self.ops += 1
         if self.ops > MAX_OPS:
             raise PickleLimitError(f"the pickle runs more than {MAX_OPS} opcodes (this reader's time budget)")
-        if name in STRING_OPS and isinstance(arg, str):
+        self.cost += OP_COST
+        handler = HANDLERS.get(name)
+        if handler is not None:  # the common case first: memo, tuples, calls, items
+            handler(self, arg)
+        elif name in STRING_OPS and isinstance(arg, str):
             self.charge(len(arg) * 4 + OBJ_COST)  # a PStr with its position: ~120 bytes, up to 4 per character
             self.stack.append(PStr(arg, pos, OPCODE_BYTE[name]))
         elif name in PUSH_ARG:
@@ -230,8 +237,6 @@ class _Machine:
             self.charge(OBJ_COST)
             self.metastack.append(self.stack)
             self.stack = []
-        elif name in HANDLERS:
-            HANDLERS[name](self, arg)
         elif name == "PROTO":
             self.protocol = int(arg)
         elif name == "FRAME":

@@ -270,12 +270,15 @@ def _random_ltd_entry(value: Any, metadata: dict[str, Any]) -> None:
         metadata["deepspeed_random_ltd_state"] = state
 
 
+_MAX_TEXT = 4096  # characters of one metadata string shown by inspect
+
+
 def _plain(value: Any) -> Any:
     """A JSON-ready copy of a scalar or a short flat list of scalars; anything else, a short description."""
     if isinstance(value, (list, tuple)) and len(value) <= 64 and not any(isinstance(v, (list, tuple)) for v in value):
         return [_plain(v) for v in value]
     if isinstance(value, str):
-        return str(value)
+        return str(value) if len(value) <= _MAX_TEXT else f"{value[:_MAX_TEXT]}... ({len(value)} characters)"
     if value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and value.bit_length() <= 64):
         return value
     return describe(value)

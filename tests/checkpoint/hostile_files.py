@@ -192,6 +192,7 @@ def raw_zip(
         eocd64 = len(out)
         out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(central), cd_offset)
         out += struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64, 1)
-    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, len(central), cd_offset, 0)
+    short = min(count, 0xFFFF) if zip64 else count  # 0xFFFF: "see the ZIP64 record"
+    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, short, short, len(central), cd_offset, 0)
     path.write_bytes(bytes(out))
     return path

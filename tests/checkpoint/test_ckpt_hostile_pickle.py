@@ -219,7 +219,10 @@ def test_dcp_metadata_globals_are_exact_names(tmp_path: Path, canary: Path) -> N
 
 
 def _peak_rss_mib(*args: str) -> tuple[int, subprocess.CompletedProcess[str]]:
-    """Run the CLI in a fresh wrapper process whose only child it is; return the child's peak RSS in MiB."""
+    """Run the CLI in a fresh wrapper process whose only child it is; return the child's peak RSS in MiB.
+
+    (A child forked from pytest, which imported torch, would inherit pytest's peak RSS.)
+    """
     wrapper = (
         "import json, resource, subprocess, sys\n"
         "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
