@@ -10,8 +10,10 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "CheckpointLimitError",
     "ConfigError",
     "ConversionError",
+    "CorruptCheckpointError",
     "InputError",
     "KeyCollisionError",
     "LimitExceededError",
@@ -42,6 +44,14 @@ class ConversionError(RandomLTDError, ValueError):
 
 class CheckpointError(RandomLTDError, ValueError):
     """A checkpoint cannot be read or written; the input is left unchanged."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint breaks its format's rules: truncated, inconsistent, or laid out to mislead a reader."""
+
+
+class CheckpointLimitError(CheckpointError):
+    """A checkpoint exceeds one of the readers' safety limits (size, nesting depth, memory budget)."""
 
 
 class KeyCollisionError(CheckpointError):

@@ -20,7 +20,7 @@ from ._fs import check_folder, check_output, os_error
 from ._io import Progress, ProgressFn
 from ._report import CheckpointInfo, StripReport
 from ._run import checkpoint_default_output, folder_kind, natural_key, run_entries, side_files
-from ._torch import wrapped_side_names
+from ._torch import reuse_reads, wrapped_side_names
 from ._verdict import checkpoint_verdicts
 
 __all__ = ["default_output", "inspect", "strip"]
@@ -212,7 +212,8 @@ def _report(
 def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> CheckpointInfo:
     """Implementation of :func:`random_ltd_cli.checkpoint.inspect_checkpoint`."""
     try:
-        return _inspect(Path(path), trust_pickle=trust_pickle)
+        with reuse_reads():  # a torch file is read for its tensors, side tables and globals: parse it once
+            return _inspect(Path(path), trust_pickle=trust_pickle)
     except OSError as exc:  # a file-system error not turned into a message on the way (e.g. a name too long)
         raise os_error(exc.filename or path, exc) from exc
 
