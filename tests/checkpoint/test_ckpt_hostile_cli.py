@@ -144,8 +144,9 @@ def test_deep_random_ltd_value_in_a_pickle_prints_as_json(tmp_path: Path) -> Non
     torch.save({"state_dict": {W: torch.ones(2)}, "random_ltd": nested}, path)
     code, stdout, stderr, _ = cli("inspect", path, "--json")
     data = json.loads(stdout)  # a result or an error object: always one JSON document
-    if code == 0:
-        assert "nested deeper than 32 levels" in stdout
+    if code == 0:  # the torch reader summarizes nested metadata values ("a list of 1 items")
+        value = data["metadata"]["random_ltd"]
+        assert isinstance(value, str) and len(value) < 200, value
     else:
         one_error(code, stdout, stderr, as_json=True)
         assert "error" in data
