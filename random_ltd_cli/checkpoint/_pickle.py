@@ -239,6 +239,8 @@ class _Machine:
             self.stack = []
         elif name == "PROTO":
             self.protocol = int(arg)
+            if self.protocol > 5:  # pickle.HIGHEST_PROTOCOL of the Pythons torch supports: they refuse it
+                raise PickleError(f"unsupported pickle protocol {self.protocol}")
         elif name == "FRAME":
             self.frames.append((pos, int(arg)))
         elif name == "STOP":

@@ -6,7 +6,7 @@ import pickletools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._pickle_tree import Instance, Persistent, PickleError
+from ._pickle_tree import Global, Instance, Persistent, PickleError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._pickle import _Machine
@@ -151,6 +151,9 @@ def _call(kind: str, with_kwargs: bool = False) -> Any:
         kwargs = m.pop() if with_kwargs else None
         args = m.pop()
         func = m.pop()
+        if not isinstance(func, Global) or not isinstance(args, tuple):  # Python itself would fail to load it
+            raise PickleError(f"malformed pickle ({kind.upper()} of a {type(func).__name__} with {type(args).__name__} "
+                              "arguments; only a global called with a tuple can be loaded)")
         m.charge(OBJ_COST)
         m.stack.append(Instance(func, args, kind=kind, kwargs=kwargs))
 
