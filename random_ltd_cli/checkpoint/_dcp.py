@@ -121,7 +121,10 @@ def _read(root: Path, *, trust_pickle: bool) -> _Entries:
 def _entries(path: Path, parsed: Parsed, data: bytes) -> _Entries:
     meta = _state(parsed.root)
     found = _Entries(parsed, data, version=meta.get("version"))
-    for name, entry in mapping_items(meta.get("state_dict_metadata")) or ():
+    entries = mapping_items(meta.get("state_dict_metadata"))
+    if entries is None:  # dcp.load iterates over it
+        raise CorruptCheckpointError(f"{path} has no state_dict_metadata map; the metadata is corrupted.")
+    for name, entry in entries:
         if not isinstance(name, PStr):
             raise CorruptCheckpointError(
                 f"{path}: an entry name is not a string ({describe(name)}); the metadata is corrupted."
