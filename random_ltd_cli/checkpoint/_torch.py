@@ -47,13 +47,14 @@ from ._pickle import (
 )
 from ._torch_legacy import ITEMSIZE, MAX_PICKLE, read_legacy, storages
 from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta
-from ._zip import ZipError, ZipLimitError, ZipRecord, patch_record, read_directory, read_record
+from ._zip import ZipError, ZipLimitError, ZipRecord, check_deflated, patch_record, read_directory, read_record
 
 __all__ = [
     "TorchFile", "TorchPlan", "is_safe_global", "plan_strip", "printable", "read_torch", "reuse_reads", "scan",
 ]  # fmt: skip
 
 ZIP_MAGIC = b"PK\x03\x04"
+MAX_DEFLATED = 2 << 30  # torch.save never compresses tensor records; compressed ones are checked up to this size
 
 _SAFE = frozenset(
     {
@@ -236,8 +237,21 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
     for key, (type_name, numel) in storages(parsed.root).items():
         rec = records.get(f"{prefix}data/{key}")
         need = numel * ITEMSIZE[type_name]
-        if rec is None or rec.usize < need:
-            raise ZipError(f"storage record data/{key} is missing or shorter than its {numel} elements")
+        if rec is None or rec.usize != need:  # torch.load refuses a record of any other size
+            raise ZipError(f"storage record data/{key} is missing or does not hold exactly its {numel} elements")
+    deflated = [rec for name, rec in records.items() if name.startswith(f"{prefix}data/") and rec.method != 0]
+    if sum(rec.usize for rec in deflated) > MAX_DEFLATED:
+        raise ZipLimitError(f"compressed tensor records inflate to more than {MAX_DEFLATED >> 30} GiB")
+    for rec in deflated:  # torch.load does not check them: a corrupt one would load as garbage
+        check_deflated(fd, rec)
+    if not any(f"{prefix}{name}" in records for name in ("version", ".data/version")):
+        raise ZipError("the archive has no version record, which torch.load requires")
+    order = records.get(f"{prefix}byteorder")  # torch.load fails on anything else
+    if order is not None and read_record(fd, order, limit=16) not in (b"little", b"big"):
+        raise ZipError("the byteorder record is neither 'little' nor 'big'")
+    alignment = records.get(f"{prefix}.storage_alignment")  # torch.load reads it with int()
+    if alignment is not None and not read_record(fd, alignment, limit=32).strip().isdigit():
+        raise ZipError("the .storage_alignment record is not a number")
     return TorchFile(path, "zip", parsed, data, size, record, records)
 
 

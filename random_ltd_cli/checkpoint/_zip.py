@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ._io import pread_exact
@@ -268,26 +268,43 @@ def read_record(fd: int, rec: ZipRecord, *, limit: int) -> bytes:
 
 
 def _inflate(fd: int, rec: ZipRecord) -> bytes:
+    return b"".join(_inflated_pieces(fd, rec))
+
+
+def check_deflated(fd: int, rec: ZipRecord) -> None:
+    """Inflate a deflated record piece by piece, holding none of it, and check its size and CRC-32.
+
+    torch.load does not check a compressed tensor record: a corrupt one loads as garbage.
+    """
+    total, crc = 0, 0
+    for piece in _inflated_pieces(fd, rec):
+        total += len(piece)
+        crc = zlib.crc32(piece, crc)
+    if total != rec.usize or crc != rec.crc:
+        raise ZipError(f"record {rec.name!r} is corrupted (size or CRC-32 mismatch)")
+
+
+def _inflated_pieces(fd: int, rec: ZipRecord) -> Iterator[bytes]:
     inflater = zlib.decompressobj(-15)
-    pieces: list[bytes] = []
     total = 0
     try:
         for done in range(0, rec.csize, _CHUNK):
             pending = pread_exact(fd, min(_CHUNK, rec.csize - done), rec.data_offset + done)
-            while pending and not inflater.eof:
-                piece = inflater.decompress(pending, rec.usize - total + 1)  # at most one byte past the size
+            while not inflater.eof:  # until this input is used up and no output is pending
+                piece = inflater.decompress(pending, min(rec.usize - total + 1, _CHUNK))  # never past the size + 1
                 total += len(piece)
                 if total > rec.usize:
                     raise ZipError(f"record {rec.name!r} inflates to more than its declared {rec.usize} bytes")
-                pieces.append(piece)
                 pending = inflater.unconsumed_tail
+                if not piece and not pending:
+                    break
+                yield piece
             if inflater.eof and (pending or inflater.unused_data or done + _CHUNK < rec.csize):
                 raise ZipError(f"record {rec.name!r} has bytes after the end of its compressed data")
     except zlib.error as exc:
         raise ZipError(f"record {rec.name!r} is not valid deflate data ({exc})") from exc
     if not inflater.eof:
         raise ZipError(f"record {rec.name!r}: its compressed data is truncated")
-    return b"".join(pieces)
 
 
 def _descriptor(fd: int, rec: ZipRecord) -> tuple[bool, int]:

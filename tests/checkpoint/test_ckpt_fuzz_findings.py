@@ -4,6 +4,7 @@ accepted and rewrote although torch (or pickle, for DCP metadata) cannot load th
 from __future__ import annotations
 
 import pickle
+import zlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from random_ltd_cli.checkpoint._pickle import PickleError, parse
 from random_ltd_cli.errors import CorruptCheckpointError
 
 from .fuzz_folders import _dcp_templates, _unframed
+from .hostile_files import raw_zip, write_zip, zip_entries, zip_torch_save
 
 STATE = {"h.0.random_ltd_layer.w": torch.arange(6, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float16)}
 
@@ -62,3 +64,51 @@ def test_dcp_metadata_without_a_state_dict_map_is_refused(tmp_path: Path, value:
     md.state_dict_metadata = value
     (folder / ".metadata").write_bytes(_unframed(md))
     _refused(folder, "has no state_dict_metadata map")
+
+
+# --- torch ZIP archives: what torch.load itself requires or does not check -----------------------------
+
+
+def _entries() -> list[tuple[str, bytes]]:
+    return zip_entries(zip_torch_save(STATE))
+
+
+def _changed(entries: list[tuple[str, bytes]], suffix: str, content: bytes | None) -> list[tuple[str, bytes]]:
+    """``entries`` with the record ending in ``suffix`` replaced (or dropped for None)."""
+    out = [(n, content if n.endswith(suffix) else c) for n, c in entries]
+    return [(n, c) for n, c in out if c is not None]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "content", "match"),
+    [
+        ("/data/0", None, "missing or does not hold exactly"),
+        ("/byteorder", b"lit", "byteorder record is neither"),
+        ("/byteorder", b"\x9f\x00", "byteorder record is neither"),
+        ("/.storage_alignment", b"64\x00\x00", "storage_alignment record is not a number"),
+        ("/version", None, "no version record"),
+    ],
+)
+def test_records_torch_load_requires(tmp_path: Path, suffix: str, content: bytes | None, match: str) -> None:
+    entries = _entries()
+    if suffix == "/data/0":  # a storage record longer than its elements: torch checks the exact size
+        entries = [(n, c + bytes(8) if n.endswith(suffix) else c) for n, c in entries]
+    else:
+        entries = _changed(entries, suffix, content)
+        entries = _changed(entries, "/.data/version", None) if suffix == "/version" else entries
+    path = write_zip(tmp_path / "m.pt", entries)
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.load(path, weights_only=True)
+    _refused(path, match)
+
+
+def test_a_compressed_tensor_record_is_checked(tmp_path: Path) -> None:
+    """torch.load inflates a tensor record without checking it: invalid deflate data loaded as garbage."""
+    entries = _entries()
+    records = [(n, 8 if n.endswith("/data/0") else 0, c, len(c), zlib.crc32(c)) for n, c in entries]
+    path = raw_zip(tmp_path / "m.pt", records)  # declared deflated, stored as it is
+    _refused(path, "'archive/data/0' is not valid deflate data|archive/data/0' is corrupted")
+    good = write_zip(tmp_path / "good.pt", entries, deflate=tuple(n for n, _ in entries if "/data/" in n))
+    assert inspect_checkpoint(good).tensor_count == 2  # deflated for real: read as torch reads it
+    out = strip_checkpoint(good, tmp_path / "good.out.pt").output
+    assert set(torch.load(out, weights_only=True)) == {"h.0.w", "b"}
