@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import pickle
+import platform
 import random
 import resource
 import shutil
@@ -366,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     formats = args.formats.split(",")
     res = run(args.cases, args.seed, formats=formats, stop_after=10**9)
-    summary = {**res.summary(), "seed": args.seed, "case_timeout_s": CASE_TIMEOUT_S}
+    summary = {**res.summary(), "seed": args.seed, "case_timeout_s": CASE_TIMEOUT_S,
+               "command": "python -m tests.checkpoint.fuzz_all " + " ".join(sys.argv[1:] if argv is None else argv),
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"}
     if args.cli:
         summary.update(cli_sample(args.cli, args.seed + 1, formats=formats))
     print(json.dumps(summary, indent=2))
