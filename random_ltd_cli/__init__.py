@@ -19,6 +19,8 @@ _LAZY: dict[str, str] = {
     "InputError": "errors",
     "ConversionError": "errors",
     "CheckpointError": "errors",
+    "CheckpointLimitError": "errors",
+    "CorruptCheckpointError": "errors",
     "KeyCollisionError": "errors",
     "UnsafePickleError": "errors",
     "TargetImportError": "errors",
@@ -82,8 +84,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .errors import (
         CheckpointError,
+        CheckpointLimitError,
         ConfigError,
         ConversionError,
+        CorruptCheckpointError,
         InputError,
         KeyCollisionError,
         RandomLTDError,

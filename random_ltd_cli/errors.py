@@ -10,13 +10,19 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "CheckpointLimitError",
     "ConfigError",
     "ConversionError",
+    "CorruptCheckpointError",
     "InputError",
     "KeyCollisionError",
+    "LimitExceededError",
+    "MalformedCheckpointError",
+    "OutputExistsError",
     "RandomLTDError",
     "TargetImportError",
     "UnsafePickleError",
+    "UnsupportedFileTypeError",
     "UnverifiableLayerError",
     "VerificationError",
 ]
@@ -44,6 +50,26 @@ class CheckpointError(RandomLTDError, ValueError):
 
 class KeyCollisionError(CheckpointError):
     """Two keys would have the same name after removing the ``random_ltd_layer`` segment."""
+
+
+class MalformedCheckpointError(CheckpointError):
+    """A file breaks its format's rules (truncated, corrupted or crafted): refused before anything is written."""
+
+
+class LimitExceededError(CheckpointError):
+    """A file needs more than a fixed budget (header size, JSON nesting, memory to parse) allows."""
+
+
+CorruptCheckpointError = MalformedCheckpointError  # the pickle and ZIP readers' name for it
+CheckpointLimitError = LimitExceededError  # likewise
+
+
+class UnsupportedFileTypeError(CheckpointError):
+    """A path is not a regular file or folder (a FIFO, socket or device), or is a link leaving its folder."""
+
+
+class OutputExistsError(CheckpointError):
+    """The output path exists and replacing it was not asked for (``--force``, ``overwrite=True``)."""
 
 
 class UnsafePickleError(CheckpointError):

@@ -67,13 +67,16 @@ def strip_checkpoint(
     in_place: bool = False,
     dry_run: bool = False,
     trust_pickle: bool = False,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
 ) -> StripReport:
     """Write a copy of a checkpoint whose names lack the ``random_ltd_layer`` segment.
 
-    Every rename is computed and checked before anything is written; the output appears
-    atomically (temporary name in its folder, fsync, rename) and the input is left as it
-    was unless ``in_place``. Tensor bytes are copied as they are, never decoded.
+    The whole input is validated by its format's rules, and every rename computed and checked,
+    before anything is written; the output appears atomically (temporary name in its folder,
+    fsync, rename) and the input is left as it was unless ``in_place``. Tensor bytes are copied
+    as they are, never decoded. Only regular files and folders are read; only a missing path,
+    an empty folder, or (with ``overwrite``) a regular file is written over.
 
     Args:
         src: a file or folder in any format :func:`detect_format` knows.
@@ -86,6 +89,10 @@ def strip_checkpoint(
         trust_pickle: accept torch pickles that name globals outside torch's
             ``weights_only`` allowlist and the engine allowlist (DeepSpeed's inert ZeRO classes,
             matched by exact name); they are still never executed here.
+        overwrite: replace an existing output file (the CLI's ``--force``). Without it an
+            existing output is refused (:class:`OutputExistsError`), also in a dry run. A
+            folder output must be missing or empty either way; a link, FIFO, socket or device
+            is never replaced.
         progress: called as ``progress(done_bytes, total_bytes)`` while writing.
 
     Returns:
@@ -94,11 +101,16 @@ def strip_checkpoint(
     Raises:
         KeyCollisionError: two names would become the same.
         UnsafePickleError: a torch pickle needs globals outside the allowlist.
-        CheckpointError: not a checkpoint, corrupted, output is the input, cannot write...
+        MalformedCheckpointError: the input breaks its format's rules.
+        LimitExceededError: the input needs more than the fixed size, depth or memory budget.
+        UnsupportedFileTypeError: a FIFO, socket or device as input or output; a link leaving a folder.
+        OutputExistsError: the output exists and ``overwrite`` is False.
+        CheckpointError: not a checkpoint, output is the input, cannot write...
     """
     from ._strip import strip
 
-    return strip(src, dst, in_place=in_place, dry_run=dry_run, trust_pickle=trust_pickle, progress=progress)
+    return strip(src, dst, in_place=in_place, dry_run=dry_run, trust_pickle=trust_pickle, overwrite=overwrite,
+                 progress=progress)
 
 
 def inspect_checkpoint(path: PathLike, *, trust_pickle: bool = False) -> CheckpointInfo:

@@ -8,16 +8,18 @@ plain model after the weights were renamed, so such a folder is refused before a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
 from ..keys import SEGMENT
+from ._fs import path_exists
+from ._jsonio import load_file
 
 __all__ = ["ADAPTER_CONFIG", "check_adapter_config"]
 
 ADAPTER_CONFIG = "adapter_config.json"
+MAX_CONFIG = 16 << 20  # bytes; real adapter configs have a few KiB
 
 
 def _mentions(value: Any) -> bool:
@@ -34,15 +36,14 @@ def check_adapter_config(root: Path) -> None:
     """Refuse a PEFT adapter folder whose config names modules inside ``random_ltd_layer``.
 
     Raises:
-        CheckpointError: such a config, or one that is not JSON.
+        CheckpointError: such a config.
+        MalformedCheckpointError, LimitExceededError: a config that is not JSON, or too large or deep.
+        UnsupportedFileTypeError: a FIFO, device or folder under its name.
     """
     path = root / ADAPTER_CONFIG
-    if not path.is_file():
+    if not path_exists(path):
         return
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or remove it, then retry.") from exc
+    config = load_file(path, MAX_CONFIG, "adapter config")  # bounded size, depth and memory
     fields = [str(k) for k, v in config.items()] if isinstance(config, dict) else []
     named = [k for k in fields if _mentions(config[k])]
     if named:

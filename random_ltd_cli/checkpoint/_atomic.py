@@ -12,11 +12,13 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputExistsError
+from ._fs import check_output
 
 __all__ = ["atomic_dir", "atomic_file", "atomic_path", "new_file", "patch_in_place", "write_error"]
 
@@ -54,9 +56,33 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _publish(tmp: str, dst: Path, overwrite: bool) -> None:
+    """Give the finished ``tmp`` the name ``dst``: replace only a regular file, and only if ``overwrite``.
+
+    Without ``overwrite`` a hard link makes the name appear atomically and fails if it exists
+    (``EEXIST``); where links are not supported, the existence check and ``os.replace`` follow
+    each other as closely as they can.
+    """
+    if not overwrite:
+        try:
+            os.link(tmp, dst)
+        except FileExistsError:
+            check_output(dst, overwrite=False)  # raises, naming what is there
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EACCES):
+                raise
+        else:
+            os.unlink(tmp)
+            return
+    check_output(dst, overwrite=overwrite)  # again just before: a FIFO or link may have appeared meanwhile
+    os.replace(tmp, dst)
+
+
 @contextlib.contextmanager
-def _temp_beside(dst: Path, mode_like: Path | None) -> Iterator[tuple[int, Path]]:
+def _temp_beside(dst: Path, mode_like: Path | None, overwrite: bool = True) -> Iterator[tuple[int, Path]]:
     """A temp file beside ``dst`` (descriptor and path); on success fsynced and renamed over ``dst``."""
+    check_output(dst, overwrite=overwrite)
     try:
         fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     except OSError as exc:
@@ -69,7 +95,7 @@ def _temp_beside(dst: Path, mode_like: Path | None) -> Iterator[tuple[int, Path]
         os.fsync(fd)
         os.close(fd)
         fd = -1
-        os.replace(tmp, dst)
+        _publish(tmp, dst, overwrite)
         done = True
         _fsync_dir(dst.parent)
     except OSError as exc:
@@ -83,15 +109,18 @@ def _temp_beside(dst: Path, mode_like: Path | None) -> Iterator[tuple[int, Path]
 
 
 @contextlib.contextmanager
-def atomic_file(dst: Path, *, mode_like: Path | None = None) -> Iterator[int]:
+def atomic_file(dst: Path, *, mode_like: Path | None = None, overwrite: bool = True) -> Iterator[int]:
     """Yield a file descriptor open for writing; on success the bytes replace ``dst`` atomically.
 
     The new file gets the permission bits of ``mode_like`` (e.g. the input), else the umask's.
+    Only a regular file is ever replaced, and only when ``overwrite``.
 
     Raises:
+        UnsupportedFileTypeError: ``dst`` is a link, FIFO, socket, device or folder.
+        OutputExistsError: ``dst`` exists and ``overwrite`` is False.
         CheckpointError: the folder cannot be written to, or writing failed (no temp file is left).
     """
-    with _temp_beside(Path(dst), mode_like) as (fd, _):
+    with _temp_beside(Path(dst), mode_like, overwrite) as (fd, _):
         yield fd
 
 
@@ -120,8 +149,18 @@ def atomic_dir(dst: Path) -> Iterator[Path]:
         CheckpointError: ``dst`` exists and is not an empty folder, or the parent is not writable.
     """
     dst = Path(dst)
-    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
-        raise CheckpointError(f"output {dst} already exists; remove it or choose another output path (-o).")
+    try:
+        st: os.stat_result | None = os.lstat(dst)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise write_error(dst, exc) from exc
+    if st is not None and stat.S_ISREG(st.st_mode):
+        raise OutputExistsError(f"output {dst} is a file, and a folder is written here; choose another output path.")
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        check_output(dst, overwrite=False)  # a link, FIFO or device: never replaced
+    if st is not None and any(dst.iterdir()):
+        raise OutputExistsError(f"output {dst} already exists; remove it or choose another output path (-o).")
     try:
         tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
     except OSError as exc:
@@ -159,10 +198,12 @@ def patch_in_place(path: Path, offset: int, data: bytes) -> None:
     during it is not covered the way a rename is.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise write_error(path, exc) from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path} is no longer a regular file; nothing was written to it.")
         written = os.pwrite(fd, data, offset)
         if written != len(data):
             raise CheckpointError(f"short write to {path}: {written} of {len(data)} bytes")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import CheckpointError
 from ._io import Progress
+from ._jsonio import parse_text
 
 __all__ = ["TORCH_SUFFIXES", "FilePlan", "TensorInfo", "plain_metadata"]
 
@@ -55,9 +56,13 @@ class FilePlan(Protocol):
 
 
 def plain_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Plain ``str`` values, with the ``"random_ltd"`` entry parsed from JSON where it is a JSON string."""
+    """Plain ``str`` values, with the ``"random_ltd"`` entry parsed from JSON where it is a JSON string.
+
+    The value is parsed within :mod:`._jsonio`'s bounds (depth 64, 16 MiB of memory); beyond them,
+    or when it is not JSON, it is kept as the string it is.
+    """
     out = {str(k): str(v) if isinstance(v, str) else v for k, v in metadata.items()}
     if isinstance(out.get("random_ltd"), str):
-        with contextlib.suppress(ValueError):
-            out["random_ltd"] = json.loads(out["random_ltd"])
+        with contextlib.suppress(CheckpointError):  # not JSON, too deep or too large: kept as the string
+            out["random_ltd"] = parse_text(out["random_ltd"], "the random_ltd metadata", budget=16 << 20)
     return out

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ._fs import open_file
 from ._io import Progress, copy_range, write_at
 
 __all__ = ["FICLONE", "clone", "copy_file", "copy_patched", "overwrite", "size_changed"]
@@ -47,7 +48,7 @@ def clone(src: int, dst: int) -> bool:
 
 
 def _open(path: Path) -> int:
-    return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    return open_file(path)  # a regular file, opened without blocking (a FIFO swapped in is refused)
 
 
 def size_changed(path: Path) -> CheckpointError:

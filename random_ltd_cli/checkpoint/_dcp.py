@@ -21,22 +21,40 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import CheckpointError, KeyCollisionError, UnsafePickleError
+from ..errors import (
+    CheckpointError,
+    CheckpointLimitError,
+    CorruptCheckpointError,
+    KeyCollisionError,
+    UnsafePickleError,
+)
 from ..keys import SEGMENT, rename_keys, strip_key
 from ._atomic import atomic_dir, new_file
 from ._common import TensorInfo
-from ._io import Progress, copy_range, write_all
-from ._pickle import Global, Instance, Parsed, PickleError, PStr, mapping_items, parse, substitute
+from ._io import Progress, copy_range, pread_exact, write_all
+from ._pickle import (
+    Global,
+    Instance,
+    Parsed,
+    PickleError,
+    PickleLimitError,
+    PStr,
+    describe,
+    mapping_items,
+    parse,
+    substitute,
+)
+from ._torch import is_safe_global, printable
 from ._torch_names import size_shape
 
 __all__ = ["CONSOLIDATE_HINT", "METADATA", "DcpPlan", "is_dcp_dir", "plan_strip", "scan", "write_copy"]
 
 METADATA = ".metadata"
-MAX_METADATA = 1 << 30
+MAX_METADATA = 32 << 20
+"""Bytes of ``.metadata`` read (a few hundred bytes per tensor chunk)."""
 CONSOLIDATE_HINT = (
     "consolidate it with torch's tool (python -m torch.distributed.checkpoint.format_utils dcp_to_torch DIR OUT.pt)"
 )
-_SAFE_MODULES = ("torch", "pathlib", "collections")  # what DCP's own metadata names; anything else is refused
 
 
 def is_dcp_dir(root: Path) -> bool:
@@ -69,19 +87,30 @@ def _state(node: Any) -> dict[Any, Any]:
 
 def _read(root: Path, *, trust_pickle: bool) -> _Entries:
     path = root / METADATA
-    size = path.stat().st_size
-    if size > MAX_METADATA:
-        raise CheckpointError(f"{path} is larger than {MAX_METADATA} bytes; that is not DCP metadata.")
-    data = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_METADATA:
+            raise CheckpointLimitError(
+                f"{path} is {size} bytes; this reader stops at {MAX_METADATA >> 20} MiB of DCP metadata. "
+                f"To read the checkpoint, {CONSOLIDATE_HINT.replace('DIR', str(root))}."
+            )
+        data = pread_exact(fd, size, 0)
+    except EOFError as exc:
+        raise CorruptCheckpointError(f"{path} changed while it was read; retry when nothing writes to it.") from exc
+    finally:
+        os.close(fd)
     try:
         parsed = parse(data)
+    except PickleLimitError as exc:
+        raise CheckpointLimitError(f"{path} exceeds a safety limit of this reader: {exc}.") from exc
     except PickleError as exc:
-        raise CheckpointError(f"{path} is truncated or corrupted: {exc}. Re-save the checkpoint.") from exc
-    unsafe = sorted({g.qualname for g in parsed.globals if g.module.split(".")[0] not in _SAFE_MODULES})
+        raise CorruptCheckpointError(f"{path} is truncated or corrupted: {exc}. Re-save the checkpoint.") from exc
+    unsafe = sorted({printable(g.qualname) for g in parsed.globals if not is_safe_global(g.qualname, dcp=True)})
     if unsafe and not trust_pickle:
         raise UnsafePickleError(
-            f"{path} names Python globals that DCP metadata does not use: {', '.join(unsafe)}. random-ltd never "
-            "runs them, but torch would when loading it. Only if you trust its source, pass --trust-pickle."
+            f"{path} names Python globals that DCP metadata does not use: {', '.join(unsafe[:20])}. random-ltd "
+            "never runs them, but torch would when loading it. Only if you trust its source, pass --trust-pickle."
         )
     root_node = parsed.root
     if not (isinstance(root_node, Instance) and root_node.is_call_to("torch.distributed.checkpoint.metadata.Metadata")):
@@ -92,9 +121,14 @@ def _read(root: Path, *, trust_pickle: bool) -> _Entries:
 def _entries(path: Path, parsed: Parsed, data: bytes) -> _Entries:
     meta = _state(parsed.root)
     found = _Entries(parsed, data, version=meta.get("version"))
-    for name, entry in mapping_items(meta.get("state_dict_metadata")) or ():
+    entries = mapping_items(meta.get("state_dict_metadata"))
+    if entries is None:  # dcp.load iterates over it
+        raise CorruptCheckpointError(f"{path} has no state_dict_metadata map; the metadata is corrupted.")
+    for name, entry in entries:
         if not isinstance(name, PStr):
-            raise CheckpointError(f"{path}: an entry name is not a string ({name!r}); the metadata is corrupted.")
+            raise CorruptCheckpointError(
+                f"{path}: an entry name is not a string ({describe(name)}); the metadata is corrupted."
+            )
         found.keys.append(name)
         fields = _state(entry)
         if "size" in fields and "properties" in fields:
@@ -115,8 +149,8 @@ def _entries(path: Path, parsed: Parsed, data: bytes) -> _Entries:
     found.files = list(dict.fromkeys(found.files))
     for name in found.files:
         pure = PurePosixPath(name)
-        if pure.is_absolute() or len(pure.parts) != 1 or name in (".", ".."):
-            raise CheckpointError(f"{path} points to the data file {name!r} outside its folder; refusing it.")
+        if pure.is_absolute() or len(pure.parts) != 1 or name in (".", "..") or "\\" in name or "\0" in name:
+            raise CheckpointError(f"{path} points to the data file {describe(name)} outside its folder; refusing it.")
         if not (path.parent / name).is_file():
             raise CheckpointError(
                 f"{path} needs the data file {name}, which is missing; copy the whole checkpoint folder and retry."
@@ -181,7 +215,9 @@ def plan_strip(root: Path, *, trust_pickle: bool = False) -> DcpPlan:
     def add(old: Any, new: str, *, is_side: bool) -> None:
         nonlocal side
         if not isinstance(old, PStr):
-            raise CheckpointError(f"{path}: the name {old!r} is not stored as a plain string; it cannot be renamed.")
+            raise CheckpointError(
+                f"{path}: the name {describe(old)} is not stored as a plain string; it cannot be renamed."
+            )
         if old.pos not in subs:
             subs[old.pos] = (old, new)
             side += is_side
@@ -198,7 +234,7 @@ def plan_strip(root: Path, *, trust_pickle: bool = False) -> DcpPlan:
         for part in route if isinstance(route, tuple) else ():
             if part == SEGMENT:
                 raise CheckpointError(
-                    f"{path}: the entry {str(flat)!r} nests a dict under the key {SEGMENT!r}; strip cannot rename "
+                    f"{path}: the entry {describe(flat)} nests a dict under the key {SEGMENT!r}; strip cannot rename "
                     "a nesting level. Load the checkpoint, rename it in Python, and save it again."
                 )
             if isinstance(part, str) and strip_key(part) != part:

@@ -25,9 +25,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MalformedCheckpointError
 from ..keys import strip_key
 from ._common import TensorInfo, plain_metadata
+from ._fs import read_file, require_file
 from ._pickle import mapping_items
 from ._torch import read_torch, scan, wrapped_side_names
 from ._torch_names import size_shape
@@ -47,6 +48,7 @@ _STATE_FILE = re.compile(r".*(model_states|optim_states)\.pt")
 _MODEL_FILE = re.compile(r".*model_states\.pt")
 _ZERO3_MODEL = re.compile(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt")
 _LAYER_FILE = re.compile(r"layer_(\d+)-model(?:_\d+-model)?_states\.pt")
+_LATEST_LIMIT = 4096  # bytes: a tag name
 ZERO3_HINT = "run its zero_to_fp32.py (python DIR/zero_to_fp32.py DIR OUT) to gather the full weights"
 
 
@@ -87,7 +89,7 @@ def model_state_files(root: Path) -> list[str]:
     tags = tag_dirs(root)
     latest = root / "latest"
     if latest.is_file() and tags != [root]:
-        name = latest.read_text(encoding="utf-8").strip()
+        name = _read_latest(latest)
         chosen = [t for t in tags if t.name == name]
         if not chosen:
             raise CheckpointError(
@@ -98,7 +100,27 @@ def model_state_files(root: Path) -> list[str]:
     if not tags:
         return []
     tag = tags[-1]
-    return [p.relative_to(root).as_posix() for p in sorted(tag.iterdir()) if _MODEL_FILE.fullmatch(p.name)]
+    files = [p for p in sorted(tag.iterdir()) if _MODEL_FILE.fullmatch(p.name)]
+    for path in files:  # a folder, FIFO or device under a model-states name: refused, never opened
+        require_file(path, what="model-states file")
+    return [p.relative_to(root).as_posix() for p in files]
+
+
+def _read_latest(latest: Path) -> str:
+    """The tag that DeepSpeed's ``latest`` file names (a short UTF-8 text)."""
+    raw = read_file(latest, _LATEST_LIMIT, "DeepSpeed 'latest' file")
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise MalformedCheckpointError(
+            f"{latest} is not UTF-8 text; it should name the newest tag (e.g. global_step100). Fix or remove it."
+        ) from None
+    if not name or "\0" in name or "/" in name or name in (".", ".."):
+        raise MalformedCheckpointError(
+            f"{latest} names the tag {name!r}, which is not a folder name; it should name the newest tag "
+            "(e.g. global_step100). Fix or remove it."
+        )
+    return name
 
 
 def is_zero3(files: list[str]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from . import _safetensors, _torch
 from ._common import FilePlan, TensorInfo
 from ._dcp import is_dcp_dir
 from ._deepspeed_dir import is_deepspeed_dir
+from ._fs import open_file, os_error, stat_input
 from ._run import is_hf_weights_dir, run_entries
 
 __all__ = ["FORMATS", "detect_format", "file_format", "plan_file", "scan_file"]
@@ -27,10 +29,16 @@ def file_format(path: Path) -> str:
 
     Raises:
         CheckpointError: empty file, or neither format.
+        UnsupportedFileTypeError: not a regular file.
     """
-    with open(path, "rb") as f:
-        head = f.read(9)
-        size = os.fstat(f.fileno()).st_size
+    fd = open_file(path)  # a FIFO, socket or device is refused here, without blocking
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 9, 0)
+    except OSError as exc:
+        raise os_error(path, exc) from exc
+    finally:
+        os.close(fd)
     if not head:
         raise CheckpointError(f"{path} is empty, not a checkpoint; {_WHAT}. Pass one of those.")
     if head[8:9] == b"{" and (int.from_bytes(head[:8], "little") <= size - 8 or path.suffix == ".safetensors"):
@@ -49,9 +57,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         CheckpointError: the path does not exist or is not a checkpoint.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no such file or folder: {path}. Check the path and retry.")
-    if path.is_dir():
+    if stat.S_ISDIR(stat_input(path).st_mode):  # missing, too long a name, a FIFO...: refused here
         if is_dcp_dir(path):  # torch.distributed.checkpoint: .metadata + *.distcp
             return "dcp-dir"
         if is_deepspeed_dir(path):

@@ -144,8 +144,14 @@ def plan_run(root: Path, *, trust_pickle: bool) -> tuple[DirPlan, list[RunEntry]
 
 
 def write_dir(plan: DirPlan, dst: Path, progress: Progress | None = None) -> None:
-    """Write the stripped folder to ``dst`` (which must not exist, or be empty)."""
+    """Write the stripped folder to ``dst`` (which must not exist, or be empty).
+
+    Symbolic links (checked by :func:`._fs.check_folder` to stay inside the folder) are recreated
+    as the same links, except a weights file or index reached through one, which is written out
+    stripped as a regular file.
+    """
     root = plan.source
+    pending = {*plan.files, *plan.rewrites}
     with atomic_dir(dst) as tmp:
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
@@ -153,30 +159,36 @@ def write_dir(plan: DirPlan, dst: Path, progress: Progress | None = None) -> Non
             (tmp / rel_dir).mkdir(exist_ok=True)
             for name in [*dirnames, *filenames]:
                 src, out, rel = here / name, tmp / rel_dir / name, (rel_dir / name).as_posix()
-                if src.is_symlink() and not src.is_file():  # a linked folder or a dangling link: keep the link
-                    os.symlink(os.readlink(src), out)
-                elif rel in plan.files:
+                pending.discard(rel)
+                if rel in plan.files:
                     with new_file(out, mode_like=src) as fd:
                         plan.files[rel].write(fd, progress)
                 elif rel in plan.rewrites:
                     with new_file(out, mode_like=src) as fd:
                         write_all(fd, plan.rewrites[rel])
+                elif src.is_symlink():
+                    os.symlink(os.readlink(src), out)
                 elif src.is_file():
                     with new_file(out, mode_like=src) as fd:
                         copy_file(src, fd, progress=progress)
+        if pending:
+            raise CheckpointError(
+                f"{root / sorted(pending)[0]} lies under a linked folder, where strip cannot write it; "
+                "replace the link with the folder it points to, then retry."
+            )
 
 
 def write_dir_in_place(plan: DirPlan, progress: Progress | None = None) -> None:
-    """Replace each changed file of the folder atomically, shard indexes last."""
+    """Replace each changed file of the folder atomically, shard indexes last (a link: the file it points to)."""
     for rel, file_plan in plan.files.items():
-        path = plan.source / rel
+        path = Path(os.path.realpath(plan.source / rel))
         if not file_plan.changed:
             continue
-        if path.is_symlink() or not file_plan.write_in_place(progress):
+        if not file_plan.write_in_place(progress):
             with atomic_file(path, mode_like=path) as fd:
                 file_plan.write(fd, progress)
     for rel, content in plan.rewrites.items():
-        path = plan.source / rel
+        path = Path(os.path.realpath(plan.source / rel))
         with atomic_file(path, mode_like=path) as fd:
             write_all(fd, content)
 

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import CheckpointError, KeyCollisionError
+from ..errors import CheckpointError, KeyCollisionError, MalformedCheckpointError
 from ..keys import rename_keys
+from ._fs import path_exists, require_file
+from ._jsonio import load_file
 
 __all__ = ["Index", "check_shard_name", "hf_weight_files", "indexes", "is_hf_dir", "renamed_index"]
 
 INDEX_SUFFIX = ".index.json"
+MAX_INDEX = 100_000_000  # bytes; a shard index of 100,000 tensors has about 10 MB
 _BIN_PREFIXES = ("pytorch_model", "adapter_model")
 
 
@@ -57,18 +60,22 @@ def check_shard_name(index: Path, shard: Any) -> str:
 
 def _read_index(root: Path, name: str) -> Index | None:
     path = root / name
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the shard index {path}: {exc}. Re-download or fix it.") from exc
+    data = load_file(path, MAX_INDEX, "shard index")
     if not isinstance(data, dict) or "weight_map" not in data:
         return None  # some other *.index.json
     weight_map = data["weight_map"]
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
-        raise CheckpointError(f"{path}: weight_map must map tensor names to shard files.")
+    if not isinstance(weight_map, dict):
+        raise MalformedCheckpointError(f"{path}: weight_map must map tensor names to shard files.")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise MalformedCheckpointError(
+                f"{path}: weight_map maps {key!r} to {shard!r}, not to a shard file name. Fix the index."
+            )
     for shard in dict.fromkeys(weight_map.values()):
         check_shard_name(path, shard)
-        if not (root / shard).is_file():
+        if path_exists(root / shard):
+            require_file(root / shard, what="shard")  # a FIFO or folder under a shard's name: refused
+        else:
             raise CheckpointError(
                 f"{path} lists the shard {shard!r}, which is missing from {root}. "
                 "Copy or download the missing shard, then retry."

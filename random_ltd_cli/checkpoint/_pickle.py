@@ -1,10 +1,18 @@
-"""Read a pickle without running it, and rewrite some of its strings in place.
+"""Read a pickle without running it, within fixed limits.
 
 :func:`parse` interprets the opcode stream on a private stack machine: a global becomes a
 :class:`Global` record (nothing is imported), a call becomes an :class:`Instance` record
 (nothing is called), a persistent id becomes a :class:`Persistent` record. Every string
-keeps the position of the opcode that produced it (:class:`PStr`), so :func:`substitute`
-can later change chosen strings and leave every other byte of the stream as it was.
+keeps the position of the opcode that produced it (:class:`PStr`), so
+:func:`._pickle_tree.substitute` can later change chosen strings and leave every other
+byte of the stream as it was.
+
+The reader is built for hostile input. It reads only from a bytes object (so no length
+field can make it allocate more than the input holds), never recurses over the object
+tree, keeps every hashable container (tuples, frozensets) at most :data:`MAX_NESTING`
+levels deep (Python hashes and compares them recursively in C), refuses dict keys that
+could be made to collide in Python's hash table, and charges every object it builds to a
+budget of :data:`MAX_COST` estimated bytes, which also bounds its running time.
 """
 
 from __future__ import annotations
@@ -12,18 +20,47 @@ from __future__ import annotations
 import io
 import pickletools
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
+
+from ._pickle_ops import (
+    CONST,
+    CONST_COST,
+    HANDLERS,
+    OBJ_COST,
+    OP_COST,
+    OPCODE_BYTE,
+    PUSH_ARG,
+    STRING_OPS,
+    size_of_number,
+)
+from ._pickle_tree import (
+    Global,
+    Instance,
+    Persistent,
+    PickleError,
+    PickleLimitError,
+    PickleTruncatedError,
+    PStr,
+    children,
+    describe,
+    mapping_items,
+    substitute,
+)
 
 __all__ = [
+    "MAX_COST",
+    "MAX_NESTING",
     "Global",
     "Instance",
     "PStr",
     "Parsed",
     "Persistent",
     "PickleError",
+    "PickleLimitError",
+    "PickleTruncatedError",
     "children",
+    "describe",
     "mapping_items",
     "parse",
     "substitute",
@@ -31,70 +68,23 @@ __all__ = [
 
 MAX_DEPTH = 10_000
 """Deeper MARK nesting than this is refused (no real checkpoint comes close)."""
+MAX_NESTING = 1_000
+"""Tuples and frozensets nested deeper than this are refused (real checkpoints nest a few levels)."""
+MAX_COST = 80 << 20
+"""Estimated bytes of Python objects one pickle may build (about 25,000 tensors in one state dict)."""
+MAX_OPS = 1_000_000
+"""Opcodes one pickle may run (about 40,000 tensors); bounds the time a hostile pickle can take."""
+MAX_RISKY_KEYS = 1_000
+"""Dict keys and set members whose hash an attacker could choose (huge integers) allowed per pickle."""
 
-# String opcodes whose payload we can re-encode: opcode byte -> width of the length field.
-_LENGTH_WIDTH = {b"X"[0]: 4, b"\x8c"[0]: 1, b"\x8d"[0]: 8}
-_LENGTH_FORMAT = {1: "<B", 4: "<I", 8: "<Q"}
-
-
-class PickleError(Exception):
-    """The byte stream is not a pickle this module can read (the caller adds the file name)."""
-
-
-class PStr(str):
-    """A string from the pickle, with the offset and opcode byte that produced it."""
-
-    __slots__ = ("opcode", "pos")
-    pos: int
-    opcode: int
-
-    def __new__(cls, value: str, pos: int, opcode: int) -> PStr:
-        obj = super().__new__(cls, value)
-        obj.pos = pos
-        obj.opcode = opcode
-        return obj
-
-
-@dataclass(frozen=True)
-class Global:
-    """A ``module.name`` reference in the pickle; never imported."""
-
-    module: str
-    name: str
-
-    @property
-    def qualname(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-@dataclass(eq=False)
-class Instance:
-    """An object the pickle would build by calling ``func`` (REDUCE, NEWOBJ, OBJ...); never called."""
-
-    func: Any
-    args: Any
-    kind: str = "reduce"
-    kwargs: Any = None
-    items: list[tuple[Any, Any]] | None = None
-    listitems: list[Any] | None = None
-    state: Any = None
-
-    def is_call_to(self, *qualnames: str) -> bool:
-        return isinstance(self.func, Global) and self.func.qualname in qualnames
-
-
-@dataclass(eq=False)
-class Persistent:
-    """A persistent id (torch uses them for tensor storages)."""
-
-    pid: Any
+_SMALL_INT = 1 << 60  # ints below this in magnitude have distinct hashes (Python hashes ints modulo 2**61 - 1)
 
 
 @dataclass
 class Parsed:
-    """The result of :func:`parse`: the object tree and facts about the stream."""
+    """The result of :func:`parse`: the object tree and facts about the stream (offsets are absolute)."""
 
-    root: Any
+    root: Any = field(repr=False)
     start: int
     end: int
     protocol: int
@@ -102,42 +92,48 @@ class Parsed:
     frames: list[tuple[int, int]] = field(default_factory=list)  # (offset of a FRAME opcode, frame length)
 
 
-class _Mark:
-    """Sentinel the stack machine keeps on its stack for MARK."""
+def parse(data: bytes, offset: int = 0, *, base: int = 0) -> Parsed:
+    """Interpret the pickle that starts at ``data[offset]``.
 
-
-def parse(source: bytes | BinaryIO, *, start: int | None = None) -> Parsed:
-    """Interpret one pickle from ``source`` (bytes, or a file positioned at its start).
-
-    Returns the object tree; strings are :class:`PStr` with offsets relative to the start
-    of ``source`` (absolute file offsets for a file).
+    ``base`` is the absolute position of ``data[0]`` (e.g. its offset in a file); strings
+    (:class:`PStr`), frames and :attr:`Parsed.start`/``end`` carry absolute positions.
 
     Raises:
-        PickleError: truncated or malformed stream, or a construct this reader does not support.
+        PickleTruncatedError: ``data`` ends before the pickle's STOP opcode.
+        PickleLimitError: nesting, object budget or key rules exceeded.
+        PickleError: malformed stream, or a construct this reader does not support.
     """
-    stream: BinaryIO = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-    begin = stream.tell() if start is None else start
-    machine = _Machine()
+    stream = io.BytesIO(data)
+    stream.seek(offset)
+    machine = _Machine(base)
     try:
         for op, arg, pos in pickletools.genops(stream):
-            machine.step(op.code, op.name, arg, pos if pos is not None else 0)
-            if op.name == "STOP":
+            machine.step(op.name, arg, base + (pos or 0))
+            if machine.done:
                 break
     except PickleError:
         raise
     except (ValueError, EOFError, struct.error, UnicodeDecodeError, KeyError, IndexError, TypeError) as exc:
-        raise PickleError(f"malformed pickle ({exc})") from exc
+        if stream.tell() >= len(data):
+            raise PickleTruncatedError("the pickle ends before its STOP opcode (truncated)") from exc
+        raise PickleError(f"malformed pickle ({_one_line(exc)})") from exc
     if not machine.done:
-        raise PickleError("the pickle ends before its STOP opcode")
+        raise PickleTruncatedError("the pickle ends before its STOP opcode (truncated)")
     return Parsed(
-        machine.result, begin, stream.tell(), machine.protocol, list(machine.globals.values()), machine.frames
+        machine.result, base + offset, base + stream.tell(), machine.protocol, list(machine.globals.values()),
+        machine.frames,
     )
 
 
-class _Machine:
-    """The stack machine behind :func:`parse`; one method per opcode family."""
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
-    def __init__(self) -> None:
+
+class _Machine:
+    """The stack machine behind :func:`parse`; one function per opcode family."""
+
+    def __init__(self, base: int) -> None:
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
@@ -146,6 +142,17 @@ class _Machine:
         self.frames: list[tuple[int, int]] = []
         self.done = False
         self.result: Any = None
+        self.cost = 0
+        self.ops = 0
+        self.risky = 0
+        self.nesting: dict[int, tuple[int, bool, Any]] = {}  # id -> (depth, holds a risky int, the object)
+
+    def charge(self, amount: int) -> None:
+        self.cost += amount
+        if self.cost > MAX_COST:
+            raise PickleLimitError(
+                f"the pickle builds more than {MAX_COST >> 20} MiB of objects (this reader's memory budget)"
+            )
 
     def pop_mark(self) -> list[Any]:
         if not self.metastack:
@@ -154,293 +161,90 @@ class _Machine:
         self.stack = self.metastack.pop()
         return items
 
+    def pop(self) -> Any:
+        if not self.stack:
+            raise PickleError("malformed pickle (stack underflow)")
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        if not self.stack:
+            raise PickleError("malformed pickle (stack underflow)")
+        return self.stack[-1]
+
     def glob(self, module: str, name: str) -> Global:
         return self.globals.setdefault((module, name), Global(module, name))
 
-    def step(self, code: str, name: str, arg: Any, pos: int) -> None:
-        stack = self.stack
-        if isinstance(arg, str) and name in _STRING_OPS:
-            stack.append(PStr(arg, pos, ord(code)))
-        elif name in _PUSH_ARG:
-            stack.append(arg)
-        elif name in _CONST:
-            stack.append(_CONST[name]())
+    # --- hashable containers: depth and hash safety ---------------------------------------
+
+    def key_info(self, obj: Any) -> tuple[int, bool]:
+        """(nesting depth, whether it holds an int whose hash an attacker can choose) of a hashable value."""
+        kind = type(obj)
+        if kind is int:
+            return 0, not -_SMALL_INT < obj < _SMALL_INT
+        if kind is tuple or kind is frozenset:
+            depth, risky, _ = self.nesting.get(id(obj), (1, False, None))
+            return depth, risky
+        return 0, False
+
+    def hashable(self, container: tuple[Any, ...] | frozenset[Any], items: Any) -> Any:
+        """Record a new tuple's or frozenset's depth; refuse it past MAX_NESTING."""
+        depth, risky = 1, False
+        for item in items:  # key_info, inlined: this runs for every tuple of every tensor record
+            kind = type(item)
+            if kind is int:
+                risky = risky or not -_SMALL_INT < item < _SMALL_INT
+            elif kind is tuple or kind is frozenset:
+                d, r, _ = self.nesting.get(id(item), (1, False, None))
+                depth, risky = max(depth, d + 1), risky or r
+        if depth > MAX_NESTING:
+            raise PickleLimitError(f"the pickle nests tuples or sets deeper than {MAX_NESTING} levels")
+        if depth > 1 or risky:
+            self.nesting[id(container)] = (depth, risky, container)  # keeps it alive: ids stay unique
+        return container
+
+    def check_keys(self, keys: Any) -> None:
+        """Count keys whose hash could be chosen to collide (refused past MAX_RISKY_KEYS)."""
+        for key in keys:
+            if self.key_info(key)[1]:
+                self.risky += 1
+                if self.risky > MAX_RISKY_KEYS:
+                    raise PickleLimitError(
+                        f"the pickle uses more than {MAX_RISKY_KEYS} huge integers as dict keys or set members"
+                    )
+
+    # --- the opcode loop ------------------------------------------------------------------
+
+    def step(self, name: str, arg: Any, pos: int) -> None:
+        self.ops += 1
+        if self.ops > MAX_OPS:
+            raise PickleLimitError(f"the pickle runs more than {MAX_OPS} opcodes (this reader's time budget)")
+        self.cost += OP_COST
+        handler = HANDLERS.get(name)
+        if handler is not None:  # the common case first: memo, tuples, calls, items
+            handler(self, arg)
+        elif name in STRING_OPS and isinstance(arg, str):
+            self.charge(len(arg) * 4 + OBJ_COST)  # a PStr with its position: ~120 bytes, up to 4 per character
+            self.stack.append(PStr(arg, pos, OPCODE_BYTE[name]))
+        elif name in PUSH_ARG:
+            self.charge(len(arg) + 64 if isinstance(arg, (bytes, bytearray)) else size_of_number(arg))
+            self.stack.append(arg)
+        elif name in CONST:
+            self.charge(CONST_COST.get(name, 0))
+            self.stack.append(CONST[name]())
         elif name == "MARK":
             if len(self.metastack) >= MAX_DEPTH:
-                raise PickleError("pickle nested too deeply")
-            self.metastack.append(stack)
+                raise PickleLimitError(f"the pickle nests MARK deeper than {MAX_DEPTH} levels")
+            self.charge(OBJ_COST)
+            self.metastack.append(self.stack)
             self.stack = []
-        elif name in _HANDLERS:
-            _HANDLERS[name](self, arg)
-        elif name in ("PROTO",):
+        elif name == "PROTO":
             self.protocol = int(arg)
+            if self.protocol > 5:  # pickle.HIGHEST_PROTOCOL of the Pythons torch supports: they refuse it
+                raise PickleError(f"unsupported pickle protocol {self.protocol}")
         elif name == "FRAME":
             self.frames.append((pos, int(arg)))
         elif name == "STOP":
-            self.result = stack.pop()
+            self.result = self.pop()
             self.done = True
         else:
             raise PickleError(f"unsupported pickle opcode {name}")
-
-
-_STRING_OPS = frozenset(
-    {"UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"}
-)
-_PUSH_ARG = frozenset(
-    {
-        "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
-        "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8",
-    }
-)  # fmt: skip
-_CONST: dict[str, Callable[[], Any]] = {
-    "NONE": lambda: None,
-    "NEWTRUE": lambda: True,
-    "NEWFALSE": lambda: False,
-    "EMPTY_TUPLE": tuple,
-    "EMPTY_LIST": list,
-    "EMPTY_DICT": dict,
-    "EMPTY_SET": set,
-}
-
-
-def _pop(m: _Machine, _: Any) -> None:
-    if m.stack:
-        m.stack.pop()
-    else:
-        m.pop_mark()
-
-
-def _tuple_n(n: int) -> Any:
-    def handler(m: _Machine, _: Any) -> None:
-        if len(m.stack) < n:
-            raise PickleError("malformed pickle (stack underflow)")
-        items = tuple(m.stack[len(m.stack) - n :])
-        del m.stack[len(m.stack) - n :]
-        m.stack.append(items)
-
-    return handler
-
-
-def _dict_from(items: list[Any]) -> dict[Any, Any]:
-    return {items[i]: items[i + 1] for i in range(0, len(items) - 1, 2)}
-
-
-def _setitems(m: _Machine, pairs: list[Any]) -> None:
-    target = m.stack[-1]
-    if len(pairs) % 2:
-        raise PickleError("malformed pickle (odd SETITEMS)")
-    if isinstance(target, dict):
-        target.update(_dict_from(pairs))
-    elif isinstance(target, Instance):
-        target.items = (target.items or []) + [(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
-    else:
-        raise PickleError(f"malformed pickle (SETITEM on {type(target).__name__})")
-
-
-def _appends(m: _Machine, items: list[Any]) -> None:
-    target = m.stack[-1]
-    if isinstance(target, list):
-        target.extend(items)
-    elif isinstance(target, Instance):
-        target.listitems = (target.listitems or []) + items
-    else:
-        raise PickleError(f"malformed pickle (APPEND on {type(target).__name__})")
-
-
-def _additems(m: _Machine, items: list[Any]) -> None:
-    target = m.stack[-1]
-    if not isinstance(target, set):
-        raise PickleError("malformed pickle (ADDITEMS on a non-set)")
-    target.update(items)
-
-
-def _build(m: _Machine, _: Any) -> None:
-    state = m.stack.pop()
-    target = m.stack[-1]
-    if not isinstance(target, Instance):
-        raise PickleError(f"malformed pickle (BUILD on {type(target).__name__})")
-    target.state = state
-
-
-def _global(m: _Machine, arg: Any) -> None:
-    module, _, name = str(arg).partition(" ")
-    m.stack.append(m.glob(module, name))
-
-
-def _stack_global(m: _Machine, _: Any) -> None:
-    name, module = m.stack.pop(), m.stack.pop()
-    if not isinstance(name, str) or not isinstance(module, str):
-        raise PickleError("malformed pickle (STACK_GLOBAL needs two strings)")
-    m.stack.append(m.glob(str(module), str(name)))
-
-
-def _reduce(m: _Machine, _: Any) -> None:
-    args = m.stack.pop()
-    m.stack[-1] = Instance(m.stack[-1], args)
-
-
-def _newobj(m: _Machine, _: Any) -> None:
-    args = m.stack.pop()
-    m.stack[-1] = Instance(m.stack[-1], args, kind="newobj")
-
-
-def _newobj_ex(m: _Machine, _: Any) -> None:
-    kwargs, args = m.stack.pop(), m.stack.pop()
-    m.stack[-1] = Instance(m.stack[-1], args, kind="newobj_ex", kwargs=kwargs)
-
-
-def _push_marked(m: _Machine, build: Any) -> None:
-    items = m.pop_mark()  # first: it replaces m.stack
-    m.stack.append(build(items))
-
-
-def _inst(m: _Machine, arg: Any) -> None:
-    module, _, name = str(arg).partition(" ")
-    args = tuple(m.pop_mark())
-    m.stack.append(Instance(m.glob(module, name), args, kind="obj"))
-
-
-def _obj(m: _Machine, _: Any) -> None:
-    items = m.pop_mark()
-    if not items:
-        raise PickleError("malformed pickle (OBJ without a class)")
-    m.stack.append(Instance(items[0], tuple(items[1:]), kind="obj"))
-
-
-def _put(m: _Machine, arg: Any) -> None:
-    if not m.stack:
-        raise PickleError("malformed pickle (PUT on an empty stack)")
-    m.memo[len(m.memo) if arg is None else int(arg)] = m.stack[-1]
-
-
-def _get(m: _Machine, arg: Any) -> None:
-    if int(arg) not in m.memo:
-        raise PickleError(f"malformed pickle (memo {arg} read before it is written)")
-    m.stack.append(m.memo[int(arg)])
-
-
-def _persid(m: _Machine, arg: Any) -> None:
-    m.stack.append(Persistent(arg))
-
-
-def _binpersid(m: _Machine, _: Any) -> None:
-    m.stack.append(Persistent(m.stack.pop()))
-
-
-def _unsupported(what: str) -> Any:
-    def handler(m: _Machine, _: Any) -> None:
-        raise PickleError(f"unsupported pickle construct: {what}")
-
-    return handler
-
-
-_HANDLERS = {
-    "POP": _pop,
-    "POP_MARK": lambda m, _: m.pop_mark(),
-    "DUP": lambda m, _: m.stack.append(m.stack[-1]),
-    "TUPLE": lambda m, _: _push_marked(m, tuple),
-    "TUPLE1": _tuple_n(1),
-    "TUPLE2": _tuple_n(2),
-    "TUPLE3": _tuple_n(3),
-    "LIST": lambda m, _: _push_marked(m, list),
-    "DICT": lambda m, _: _push_marked(m, _dict_from),
-    "FROZENSET": lambda m, _: _push_marked(m, frozenset),
-    "APPEND": lambda m, _: _appends(m, [m.stack.pop()]),
-    "APPENDS": lambda m, _: _appends(m, m.pop_mark()),
-    "SETITEM": lambda m, _: _setitems(m, [m.stack.pop(-2), m.stack.pop()]),
-    "SETITEMS": lambda m, _: _setitems(m, m.pop_mark()),
-    "ADDITEMS": lambda m, _: _additems(m, m.pop_mark()),
-    "BUILD": _build,
-    "GLOBAL": _global,
-    "STACK_GLOBAL": _stack_global,
-    "REDUCE": _reduce,
-    "NEWOBJ": _newobj,
-    "NEWOBJ_EX": _newobj_ex,
-    "INST": _inst,
-    "OBJ": _obj,
-    "PUT": _put,
-    "BINPUT": _put,
-    "LONG_BINPUT": _put,
-    "MEMOIZE": lambda m, _: _put(m, None),
-    "GET": _get,
-    "BINGET": _get,
-    "LONG_BINGET": _get,
-    "PERSID": _persid,
-    "BINPERSID": _binpersid,
-    "EXT1": _unsupported("extension registry codes"),
-    "EXT2": _unsupported("extension registry codes"),
-    "EXT4": _unsupported("extension registry codes"),
-    "NEXT_BUFFER": _unsupported("out-of-band buffers"),
-    "READONLY_BUFFER": _unsupported("out-of-band buffers"),
-}
-
-
-# --- walking the tree --------------------------------------------------------------------
-
-
-def mapping_items(node: Any) -> list[tuple[Any, Any]] | None:
-    """The ``(key, value)`` pairs of a dict or of a dict-like :class:`Instance` (e.g. OrderedDict), else None."""
-    if isinstance(node, dict):
-        return list(node.items())
-    if isinstance(node, Instance) and (node.items is not None or node.is_call_to("collections.OrderedDict")):
-        return list(node.items or [])
-    return None
-
-
-def children(node: Any) -> Iterator[Any]:
-    """The objects directly referenced by ``node`` (dict keys excluded)."""
-    if isinstance(node, Mapping):
-        yield from node.values()
-    elif isinstance(node, (list, tuple, set, frozenset)):
-        yield from node
-    elif isinstance(node, Instance):
-        yield node.func
-        yield node.args
-        if node.kwargs is not None:
-            yield node.kwargs
-        for _, value in node.items or ():
-            yield value
-        yield from node.listitems or ()
-        if node.state is not None:
-            yield node.state
-    elif isinstance(node, Persistent):
-        yield node.pid
-
-
-# --- rewriting strings in place ---------------------------------------------------------
-
-
-def substitute(
-    data: bytes, base: int, renames: Iterable[tuple[PStr, str]], frames: Iterable[tuple[int, int]] = ()
-) -> bytes:
-    """Return ``data`` (a pickle that starts at offset ``base``) with the given strings replaced.
-
-    Each :class:`PStr` is re-encoded with its own opcode and the lengths of the protocol-4
-    frames around it are corrected; every other byte is kept.
-
-    Raises:
-        PickleError: a string was produced by an opcode that cannot be re-encoded (protocol 0).
-    """
-    edits: dict[int, tuple[int, bytes]] = {}  # offset in data -> (bytes replaced, replacement)
-    for old, new in renames:
-        width = _LENGTH_WIDTH.get(old.opcode)
-        if width is None:
-            raise PickleError(f"cannot rewrite the string {str(old)!r}: it uses an old pickle text encoding")
-        at = old.pos - base
-        (length,) = struct.unpack(_LENGTH_FORMAT[width], data[at + 1 : at + 1 + width])
-        payload = new.encode("utf-8", "surrogatepass")
-        encoded = bytes([old.opcode]) + struct.pack(_LENGTH_FORMAT[width], len(payload)) + payload
-        edits[at] = (1 + width + length, encoded)
-    for pos, length in frames:
-        at, start = pos - base, pos - base + 9
-        lost = sum(size - len(new) for e, (size, new) in edits.items() if start <= e < start + length)
-        if lost:
-            edits[at] = (9, b"\x95" + struct.pack("<Q", length - lost))
-    out = bytearray()
-    cursor = 0
-    for at in sorted(edits):
-        size, replacement = edits[at]
-        out += data[cursor:at] + replacement
-        cursor = at + size
-    out += data[cursor:]
-    return bytes(out)

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, KeyCollisionError
+from ..errors import KeyCollisionError, LimitExceededError, MalformedCheckpointError
 from ..keys import rename_keys, strip_key
 from ._atomic import patch_in_place
 from ._common import TensorInfo, plain_metadata
 from ._copy import copy_patched, size_changed
-from ._io import Progress, copy_range, write_at
+from ._fs import open_file
+from ._io import Progress, copy_range, pread_exact, write_at
+from ._jsonio import parse, read_json_bytes
 
 __all__ = ["Header", "SafetensorsPlan", "plan_strip", "read_header", "scan"]
 
@@ -35,6 +37,7 @@ DTYPES = {
     "U16": ("uint16", 16), "F16": ("float16", 16), "BF16": ("bfloat16", 16), "I32": ("int32", 32),
     "U32": ("uint32", 32), "F32": ("float32", 32), "F64": ("float64", 64), "I64": ("int64", 64),
     "U64": ("uint64", 64), "C64": ("complex64", 64), "F4": ("float4_e2m1fn_x2", 4),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 8), "F8_E5M2FNUZ": ("float8_e5m2fnuz", 8),
     "F6_E2M3": ("float6_e2m3fn", 6), "F6_E3M2": ("float6_e3m2fn", 6),
 }  # fmt: skip
 
@@ -46,7 +49,6 @@ class Header:
     length: int
     entries: dict[str, Any]  # in file order, "__metadata__" included
     file_size: int
-    raw: bytes  # the 8-byte length and the JSON as stored
 
     @property
     def data_start(self) -> int:
@@ -61,46 +63,88 @@ class Header:
         return dict(self.entries.get(METADATA) or {})
 
 
-def _bad(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(
+def _bad(path: Path, what: str) -> MalformedCheckpointError:
+    return MalformedCheckpointError(
         f"{path} is not a valid safetensors file: {what}. It may be truncated or corrupted; re-download or re-save it."
     )
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def read_header(path: Path) -> Header:
-    """Read and check the header of ``path``; no tensor data is read.
+    """Read and check the header of ``path`` by the format's rules; no tensor data is read.
+
+    Checked: the 8-byte length (at least 2, at most :data:`MAX_HEADER`, inside the file), UTF-8
+    JSON object of bounded size, depth and memory (:mod:`._jsonio`), known dtypes, shapes of
+    non-negative integers, each extent equal to shape x element size, extents contiguous from 0
+    to the end of the file (no gap, no overlap), ``__metadata__`` a map of strings to strings.
 
     Raises:
-        CheckpointError: truncated file, malformed JSON, or entries that do not fit the data.
+        MalformedCheckpointError: any rule broken.
+        LimitExceededError: a header too large to read within the memory budget.
+        UnsupportedFileTypeError: not a regular file.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise _bad(path, f"the file has only {size} bytes")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER or 8 + length > size:
-            raise _bad(path, f"the header claims {length} bytes but the file has {size}")
-        raw = f.read(length)
+    fd = open_file(path)
     try:
-        entries = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except ValueError as exc:
-        raise _bad(path, f"the header is not JSON ({exc})") from exc
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise _bad(path, f"the file has only {size} bytes")
+        (length,) = struct.unpack("<Q", pread_exact(fd, 8, 0))
+        if length > MAX_HEADER:
+            raise LimitExceededError(
+                f"{path}: the safetensors header claims {length} bytes, more than the {MAX_HEADER} the format "
+                "allows; the file is corrupted or not a safetensors file."
+            )
+        if length < 2 or 8 + length > size:
+            raise _bad(path, f"the header claims {length} bytes but the file has {size}")
+        raw = read_json_bytes(fd, 8, length, f"{path} (safetensors): the header")
+    except (OSError, EOFError) as exc:
+        raise _bad(path, f"it cannot be read ({exc})") from exc
+    finally:
+        os.close(fd)
+    try:
+        entries = parse(raw, "the header")
+    except MalformedCheckpointError as exc:
+        raise _bad(path, str(exc).rstrip(".")) from None
+    except LimitExceededError as exc:
+        raise LimitExceededError(f"{path} (safetensors): {exc}") from None
+    del raw
     if not isinstance(entries, dict):
         raise _bad(path, "the header is not a JSON object")
-    header = Header(length, entries, size, prefix + raw)
+    header = Header(length, entries, size)
     _check_entries(path, header)
     return header
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _extent(path: Path, name: str, info: Any) -> tuple[int, int]:
+    """The ``(begin, end)`` of one tensor entry, checked against its dtype and shape."""
+    try:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except (TypeError, KeyError):
+        raise _bad(path, f"the entry for {name!r} lacks dtype, shape or data_offsets") from None
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _bad(path, f"tensor {name!r} has the unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise _bad(path, f"tensor {name!r} has the shape {shape!r}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _bad(path, f"tensor {name!r} has data_offsets {offsets!r}, not two non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise _bad(path, f"tensor {name!r} has data_offsets [{begin}, {end}], which end before they begin")
+    width = DTYPES[dtype][1]
+    if width < 8 and (not shape or shape[-1] * width % 8):  # 4- and 6-bit types pack whole bytes per row
+        raise _bad(path, f"tensor {name!r} of the {width}-bit dtype {dtype} has the shape {shape}, whose last "
+                         "dimension does not fill whole bytes")
+    numel = 1
+    for d in shape:
+        numel *= d
+    bits = numel * width
+    if bits != (end - begin) * 8:
+        raise _bad(path, f"tensor {name!r} has {end - begin} bytes, not the {bits / 8:g} its shape and dtype need")
+    return begin, end
 
 
 def _check_entries(path: Path, header: Header) -> None:
@@ -108,24 +152,17 @@ def _check_entries(path: Path, header: Header) -> None:
     meta = header.entries.get(METADATA)
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise _bad(path, "__metadata__ must map strings to strings")
-    for name in header.tensor_names:
-        info = header.entries[name]
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            valid = isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
-            valid = valid and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
-        except (TypeError, KeyError, ValueError):
-            valid = False
-        if not valid:
-            raise _bad(path, f"the entry for {name!r} is malformed")
+    extents = sorted((_extent(path, name, header.entries[name]), name) for name in header.tensor_names)
+    position, previous = 0, None
+    for (begin, end), name in extents:
         if end > data_len:
             raise _bad(path, f"tensor {name!r} ends at byte {end} of the data, which has only {data_len} bytes")
-        bits = DTYPES.get(dtype, (dtype, 0))[1]
-        numel = 1
-        for d in shape:
-            numel *= d
-        if bits and numel * bits != (end - begin) * 8:
-            raise _bad(path, f"tensor {name!r} has {end - begin} bytes, not the {numel * bits // 8} its shape needs")
+        if begin != position:
+            what = f"overlaps {previous!r}" if begin < position else f"leaves a gap of {begin - position} bytes"
+            raise _bad(path, f"tensor {name!r} at bytes [{begin}, {end}) of the data {what}")
+        position, previous = end, name
+    if position != data_len:
+        raise _bad(path, f"the tensors cover {position} bytes of data, but the file holds {data_len}")
 
 
 def scan(path: Path) -> tuple[list[TensorInfo], dict[str, Any]]:
@@ -166,7 +203,7 @@ class SafetensorsPlan:
     header: Header
     names: dict[str, str]
     renamed_metadata: int
-    new_header: bytes  # 8-byte length + JSON (+ spaces)
+    new_header: bytes | None  # 8-byte length + JSON (+ spaces); None: the input's, unchanged
 
     @property
     def weights(self) -> dict[str, str]:
@@ -182,6 +219,8 @@ class SafetensorsPlan:
 
     @property
     def nbytes(self) -> int:
+        if self.new_header is None:
+            return self.header.file_size
         return len(self.new_header) + self.header.file_size - self.header.data_start
 
     def write(self, out: int, progress: Progress | None = None) -> None:
@@ -191,14 +230,15 @@ class SafetensorsPlan:
         the whole input is copied from offset 0 (page-aligned, or shared extents) and the
         header overwritten; otherwise the header is written and the data copied after it.
         """
-        if len(self.new_header) == self.header.data_start:
-            copy_patched(self.source, out, [(0, self.new_header)], size=self.header.file_size, progress=progress)
+        if self.new_header is None or len(self.new_header) == self.header.data_start:
+            writes = [] if self.new_header is None else [(0, self.new_header)]
+            copy_patched(self.source, out, writes, size=self.header.file_size, progress=progress)
             return
         write_at(out, self.new_header, 0)
         if progress is not None:
             progress.advance(len(self.new_header))
         data_len = self.header.file_size - self.header.data_start
-        src = os.open(self.source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        src = open_file(self.source)
         try:
             if os.fstat(src).st_size != self.header.file_size:
                 raise size_changed(self.source)
@@ -208,6 +248,8 @@ class SafetensorsPlan:
 
     def write_in_place(self, progress: Progress | None = None) -> bool:
         """Overwrite only the header when the data offset is unchanged; False if that is impossible."""
+        if self.new_header is None:
+            return True
         if len(self.new_header) != self.header.data_start:
             return False
         patch_in_place(self.source, 0, self.new_header)
@@ -231,11 +273,11 @@ def plan_strip(path: Path) -> SafetensorsPlan:
     except KeyCollisionError as exc:
         raise KeyCollisionError(f"{path}: {exc}") from exc
     if side == 0 and all(k == v for k, v in names.items()):
-        return SafetensorsPlan(path, header, names, 0, header.raw)  # nothing to strip: a byte-for-byte copy
+        return SafetensorsPlan(path, header, names, 0, None)  # nothing to strip: a byte-for-byte copy
     entries = {(METADATA if k == METADATA else names[k]): v for k, v in header.entries.items()}
     if METADATA in entries:
         entries[METADATA] = meta
     text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     length = header.length if len(text) <= header.length else (len(text) + 7) // 8 * 8
-    new_header = struct.pack("<Q", length) + text + b" " * (length - len(text))
+    new_header = b"".join((struct.pack("<Q", length), text, b" " * (length - len(text))))  # one copy, not two
     return SafetensorsPlan(path, header, names, side, new_header)

@@ -48,7 +48,7 @@ def _load_torch_file(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tenso
     tf = read_torch(path, trust_pickle=trust_pickle)  # refuses unsafe globals before torch sees the file
     # allow-listed engine classes (e.g. a ZeRO loss scaler) are built as inert stand-ins: the engine's
     # package is never imported, and only torch's own allowlist and EngineRecord can be called
-    stand_ins = torch_stand_ins(canonical(g.qualname) for g in tf.parsed.globals)
+    stand_ins = torch_stand_ins(canonical(g.qualname) for g in tf.globals)
     try:
         with torch.serialization.safe_globals(stand_ins):
             obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=tf.kind == "zip")

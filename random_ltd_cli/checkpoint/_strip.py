@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections import Counter
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputExistsError
 from ..keys import wrapped_prefixes
 from . import _dcp
 from ._atomic import atomic_file
@@ -15,10 +16,11 @@ from ._common import FilePlan
 from ._deepspeed_dir import scan_deepspeed
 from ._detect import detect_format, plan_file, scan_file
 from ._dir import DirPlan, RunEntry, plan_dir, plan_run, scan_dir, write_dir, write_dir_in_place
+from ._fs import check_folder, check_output, os_error
 from ._io import Progress, ProgressFn
 from ._report import CheckpointInfo, StripReport
 from ._run import checkpoint_default_output, folder_kind, natural_key, run_entries, side_files
-from ._torch import wrapped_side_names
+from ._torch import reuse_reads, wrapped_side_names
 from ._verdict import checkpoint_verdicts
 
 __all__ = ["default_output", "inspect", "strip"]
@@ -54,7 +56,7 @@ def _target(src: Path, dst: Path | None, *, in_place: bool) -> Path:
     if in_place:
         if dst is not None and not _same(dst, src):
             raise CheckpointError(f"asked to write {dst} and to rewrite {src} in place; choose one.")
-        return src
+        return src if src.is_dir() else Path(os.path.realpath(src))  # a linked file: rewrite the file itself
     target = Path(dst) if dst is not None else default_output(src)
     if target.is_dir() and not src.is_dir():
         target = target / src.name  # like cp: into an existing folder
@@ -69,7 +71,34 @@ def _target(src: Path, dst: Path | None, *, in_place: bool) -> Path:
     return target
 
 
-def _write(plan: FilePlan | DirPlan, target: Path, *, in_place: bool, progress: ProgressFn | None) -> None:
+def _check_target(source: Path, target: Path, *, overwrite: bool) -> None:
+    """Refuse an output that would replace something: a folder that is not empty, a file unless ``overwrite``.
+
+    Nothing but a regular file is ever replaced (links, FIFOs, sockets and devices are refused).
+    """
+    if not source.is_dir():
+        check_output(target, overwrite=overwrite)
+        return
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise os_error(target, exc) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        if stat.S_ISREG(st.st_mode):
+            raise OutputExistsError(f"the output {target} is a file, and a folder is written here; choose another -o.")
+        check_output(target, overwrite=False)
+    elif any(target.iterdir()):
+        raise OutputExistsError(
+            f"the output folder {target} already exists and is not empty; remove it or choose another -o "
+            "(--force replaces files, never folders)."
+        )
+
+
+def _write(
+    plan: FilePlan | DirPlan, target: Path, *, in_place: bool, overwrite: bool, progress: ProgressFn | None
+) -> None:
     if isinstance(plan, DirPlan):
         tracker = Progress(progress, plan.nbytes(in_place=in_place))
         metadata = plan.files.get(_dcp.METADATA) if plan.format == "dcp-dir" else None
@@ -81,9 +110,9 @@ def _write(plan: FilePlan | DirPlan, target: Path, *, in_place: bool, progress: 
             write_dir(plan, target, tracker)
         return
     tracker = Progress(progress, plan.nbytes)
-    if in_place and not target.is_symlink() and plan.write_in_place(tracker):
+    if in_place and plan.write_in_place(tracker):
         return
-    with atomic_file(target, mode_like=plan.source) as fd:
+    with atomic_file(target, mode_like=plan.source, overwrite=overwrite or in_place) as fd:
         plan.write(fd, tracker)
 
 
@@ -94,12 +123,25 @@ def strip(
     in_place: bool = False,
     dry_run: bool = False,
     trust_pickle: bool = False,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
 ) -> StripReport:
     """Implementation of :func:`random_ltd_cli.checkpoint.strip_checkpoint`."""
-    source = Path(src)
+    try:
+        return _strip(Path(src), None if dst is None else Path(dst), in_place=in_place, dry_run=dry_run,
+                      trust_pickle=trust_pickle, overwrite=overwrite, progress=progress)
+    except OSError as exc:  # a file-system error not turned into a message on the way (e.g. a name too long)
+        raise os_error(exc.filename or src, exc) from exc
+
+
+def _strip(
+    source: Path, dst: Path | None, *, in_place: bool, dry_run: bool, trust_pickle: bool, overwrite: bool,
+    progress: ProgressFn | None,
+) -> StripReport:
     fmt = detect_format(source)
-    target = _target(source, None if dst is None else Path(dst), in_place=in_place)
+    target = _target(source, dst, in_place=in_place)
+    if fmt in DIR_FORMATS:
+        check_folder(source)  # FIFOs, devices, links out of the folder: refused before anything is read
     entries: list[RunEntry] = []
     plan: FilePlan | DirPlan
     if fmt == "run-dir":
@@ -110,13 +152,15 @@ def strip(
         plan = plan_file(source, trust_pickle=trust_pickle)
     report = _report(fmt, source, target, plan, entries, in_place=in_place, dry_run=dry_run)
     explicit_copy = dst is not None and not in_place  # "-o OUT" always leaves a result at OUT
+    if not in_place and (plan.changed or explicit_copy):
+        _check_target(source, target, overwrite=overwrite)  # in a dry run too: it predicts the refusal
     if dry_run or not (plan.changed or explicit_copy):
         return report
     made = None if target.parent.exists() else target.parent  # a default output's X.stripped/ folder
     try:
         if made is not None:
             made.mkdir()
-        _write(plan, target, in_place=in_place, progress=progress)
+        _write(plan, target, in_place=in_place, overwrite=overwrite, progress=progress)
     except BaseException:
         if made is not None:
             with contextlib.suppress(OSError):
@@ -167,7 +211,14 @@ def _report(
 
 def inspect(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> CheckpointInfo:
     """Implementation of :func:`random_ltd_cli.checkpoint.inspect_checkpoint`."""
-    path = Path(path)
+    try:
+        with reuse_reads():  # a torch file is read for its tensors, side tables and globals: parse it once
+            return _inspect(Path(path), trust_pickle=trust_pickle)
+    except OSError as exc:  # a file-system error not turned into a message on the way (e.g. a name too long)
+        raise os_error(exc.filename or path, exc) from exc
+
+
+def _inspect(path: Path, *, trust_pickle: bool) -> CheckpointInfo:
     fmt = detect_format(path)
     if fmt == "run-dir":
         return _inspect_run(path, trust_pickle=trust_pickle)

@@ -15,28 +15,46 @@ caller passes ``trust_pickle=True``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import struct
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, KeyCollisionError, UnsafePickleError
+from ..errors import (
+    CheckpointError,
+    CheckpointLimitError,
+    CorruptCheckpointError,
+    KeyCollisionError,
+    UnsafePickleError,
+)
 from ._allowlist import is_engine_global
 from ._common import TensorInfo, plain_metadata
 from ._copy import copy_patched
-from ._io import Progress, copy_range, pread_exact, write_at
-from ._pickle import Global, Parsed, Persistent, PickleError, mapping_items, parse, substitute
-from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta, walk
-from ._zip import ZipError, ZipRecord, patch_record, read_directory, read_record
+from ._io import Progress, copy_range, write_at
+from ._pickle import (
+    Global,
+    Parsed,
+    PickleError,
+    PickleLimitError,
+    describe,
+    mapping_items,
+    parse,
+    substitute,
+)
+from ._torch_legacy import ITEMSIZE, MAX_PICKLE, read_legacy, storages
+from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta
+from ._zip import ZipError, ZipLimitError, ZipRecord, check_deflated, patch_record, read_directory, read_record
 
-__all__ = ["TorchFile", "TorchPlan", "is_safe_global", "plan_strip", "read_torch", "scan"]
+__all__ = [
+    "TorchFile", "TorchPlan", "is_safe_global", "plan_strip", "printable", "read_torch", "reuse_reads", "scan",
+]  # fmt: skip
 
 ZIP_MAGIC = b"PK\x03\x04"
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-MAX_PICKLE = 1 << 30  # a data.pkl larger than this is refused (real ones are kilobytes to megabytes)
+MAX_DEFLATED = 2 << 30  # torch.save never compresses tensor records; compressed ones are checked up to this size
 
 _SAFE = frozenset(
     {
@@ -64,10 +82,27 @@ def canonical(qualname: str) -> str:
     return f"{module}.{name}"
 
 
-def is_safe_global(qualname: str) -> bool:
+DCP_GLOBALS = frozenset(
+    {f"torch.distributed.checkpoint.metadata.{name}" for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "MetadataIndex",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )}
+    | {"torch.distributed.checkpoint.filesystem._StorageInfo", "torch.distributed.checkpoint.planner.LoadItemType",
+       "torch.distributed.checkpoint.planner.WriteItemType", "pathlib.PosixPath", "pathlib.WindowsPath",
+       "pathlib.PurePosixPath", "pathlib.PureWindowsPath"}
+)  # fmt: skip
+"""What ``torch.distributed.checkpoint.save`` writes into ``.metadata`` besides torch's tensor allowlist."""
+
+
+def is_safe_global(qualname: str, *, dcp: bool = False) -> bool:
     """Whether ``torch.load(weights_only=True)`` allows this global (mirrors torch's allowlist), or it is one
-    of the inert engine classes of :mod:`._allowlist` (by exact name; the loader stands in for those)."""
+    of the inert engine classes of :mod:`._allowlist` (the loader stands in for those), by exact name.
+
+    ``dcp=True`` also allows the exact names DCP's ``.metadata`` uses (``dcp.load`` unpickles it unrestricted).
+    """
     full = canonical(qualname)
+    if dcp and full in DCP_GLOBALS:
+        return True
     return full in _SAFE or any(p.fullmatch(full) for p in _SAFE_PATTERNS) or is_engine_global(full)
 
 
@@ -82,120 +117,142 @@ class TorchFile:
     size: int
     record: ZipRecord | None = None
     records: dict[str, ZipRecord] = field(default_factory=dict)
+    globals: list[Global] = field(default_factory=list)  # of every pickle in the file, in order
 
 
-def _refuse_unsafe(path: Path, parsed: Parsed) -> None:
-    unsafe = sorted({canonical(g.qualname) for g in parsed.globals if not is_safe_global(g.qualname)})
+class _Guard:
+    """Collects the globals of every pickle read from one file and refuses unsafe ones at once."""
+
+    def __init__(self, path: Path, trust_pickle: bool) -> None:
+        self.path, self.trust, self.seen = path, trust_pickle, dict[tuple[str, str], Global]()
+
+    def __call__(self, parsed: Parsed) -> Parsed:
+        for g in parsed.globals:
+            self.seen.setdefault((g.module, g.name), g)
+        if not self.trust:
+            _refuse_unsafe(self.path, parsed.globals)
+        return parsed
+
+
+def printable(name: str, limit: int = 120) -> str:
+    """``name`` on one line, control and surrogate characters escaped, cut at ``limit`` characters."""
+    text = name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refuse_unsafe(path: Path, found: list[Global]) -> None:
+    unsafe = sorted({canonical(g.qualname) for g in found if not is_safe_global(g.qualname)})
     if unsafe:
+        shown = ", ".join(printable(name) for name in unsafe[:20]) + (" ..." if len(unsafe) > 20 else "")
         raise UnsafePickleError(
-            f"{path} needs Python globals that torch.load(weights_only=True) refuses: {', '.join(unsafe)}. "
+            f"{path} needs Python globals that torch.load(weights_only=True) refuses: {shown}. "
             "random-ltd never runs them, but such a file can run code when loaded with torch. "
             "Only if you trust its source, pass --trust-pickle (trust_pickle=True)."
         )
 
 
 def read_torch(path: Path, *, trust_pickle: bool = False) -> TorchFile:
-    """Parse the checkpoint's structure (never its tensor data) and check its globals.
+    """Parse the checkpoint's structure (never its tensor data) and check the globals of every pickle in it.
 
     Raises:
-        UnsafePickleError: the pickle names globals outside the allowlist and ``trust_pickle`` is false.
-        CheckpointError: not a torch checkpoint, or truncated/corrupted.
+        UnsafePickleError: a pickle names globals outside the allowlist and ``trust_pickle`` is false.
+        CheckpointLimitError: the file exceeds a reader limit (pickle size, nesting, records).
+        CorruptCheckpointError: truncated, corrupted or inconsistent file.
+        CheckpointError: not a torch checkpoint.
     """
     path = Path(path)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 4, 0)
-        try:
-            if head == ZIP_MAGIC:
-                tf = _read_zip(path, fd, size)
-            elif head[:1] == b"\x80":
-                tf = _read_legacy(path, fd, size)
-            else:
-                raise CheckpointError(f"{path} is not a torch checkpoint (no ZIP or pickle signature).")
-        except (ZipError, PickleError, EOFError) as exc:
-            raise CheckpointError(
-                f"{path} is a truncated or corrupted torch checkpoint: {exc}. Re-save or re-download it."
-            ) from exc
+        st = os.fstat(fd)
+        key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, trust_pickle)
+        if _cache.depth and _cache.last is not None and _cache.last[0] == key:
+            return _cache.last[1]
+        _cache.last = None  # never hold two parsed files at once (the memory budget counts one)
+        tf = _read(path, fd, st.st_size, _Guard(path, trust_pickle))
     finally:
         os.close(fd)
-    if not trust_pickle:
-        _refuse_unsafe(path, tf.parsed)
+    if _cache.depth:
+        _cache.last = (key, tf)
     return tf
 
 
-def _read_zip(path: Path, fd: int, size: int) -> TorchFile:
+class _Cache:
+    depth = 0
+    last: tuple[tuple[Any, ...], TorchFile] | None = None
+
+
+_cache = _Cache()
+
+
+@contextlib.contextmanager
+def reuse_reads() -> Iterator[None]:
+    """Within this block, reading the same unchanged file again returns the first parse (inspect reads a
+    file up to three times); outside it every call parses afresh."""
+    _cache.depth += 1
+    try:
+        yield
+    finally:
+        _cache.depth -= 1
+        if not _cache.depth:
+            _cache.last = None
+
+
+def _read(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
+    head = os.pread(fd, 4, 0)
+    try:
+        if head == ZIP_MAGIC:
+            tf = _read_zip(path, fd, size, guard)
+        elif head[:1] == b"\x80":
+            parsed, data = read_legacy(path, fd, size, guard)
+            tf = TorchFile(path, "legacy", parsed, data, size)
+        else:
+            raise CheckpointError(f"{path} is not a torch checkpoint (no ZIP or pickle signature).")
+    except (ZipLimitError, PickleLimitError) as exc:
+        raise CheckpointLimitError(
+            f"{path} exceeds a safety limit of this reader: {exc}. random-ltd refuses such files without reading "
+            "further; if it is genuine, load it with torch where you trust it and save a smaller structure."
+        ) from exc
+    except (ZipError, PickleError, EOFError) as exc:
+        raise CorruptCheckpointError(
+            f"{path} is a truncated or corrupted torch checkpoint: {exc}. Re-save or re-download it."
+        ) from exc
+    tf.globals = list(guard.seen.values())
+    return tf
+
+
+def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
     records = read_directory(fd)
-    pickles = [name for name in records if name.count("/") == 1 and name.endswith("/data.pkl")]
     if any(name.endswith("/constants.pkl") for name in records):
         raise CheckpointError(f"{path} is a TorchScript archive (torch.jit.save), not a torch.save checkpoint.")
+    pickles = [name for name in records if name.count("/") == 1 and name.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise CheckpointError(f"{path} is a ZIP archive but not a torch.save checkpoint (no <archive>/data.pkl).")
     record = records[pickles[0]]
-    data = read_record(fd, record, limit=MAX_PICKLE)
-    parsed = parse(data)
     prefix = record.name[: -len("data.pkl")]
-    for key, (type_name, numel) in _storages(parsed.root).items():
+    strays = [name for name in records if not name.startswith(prefix)]
+    if strays:
+        raise ZipError(f"the record {strays[0]!r} lies outside the archive folder {prefix!r}")
+    data = read_record(fd, record, limit=MAX_PICKLE)
+    parsed = guard(parse(data))
+    for key, (type_name, numel) in storages(parsed.root).items():
         rec = records.get(f"{prefix}data/{key}")
-        need = numel * _ITEMSIZE.get(type_name, 1) if type_name != "UntypedStorage" else numel
-        if rec is None or rec.usize < need:
-            raise ZipError(f"storage record data/{key} is missing or shorter than its {numel} elements")
+        need = numel * ITEMSIZE[type_name]
+        if rec is None or rec.usize != need:  # torch.load refuses a record of any other size
+            raise ZipError(f"storage record data/{key} is missing or does not hold exactly its {numel} elements")
+    deflated = [rec for name, rec in records.items() if name.startswith(f"{prefix}data/") and rec.method != 0]
+    if sum(rec.usize for rec in deflated) > MAX_DEFLATED:
+        raise ZipLimitError(f"compressed tensor records inflate to more than {MAX_DEFLATED >> 30} GiB")
+    for rec in deflated:  # torch.load does not check them: a corrupt one would load as garbage
+        check_deflated(fd, rec)
+    if not any(f"{prefix}{name}" in records for name in ("version", ".data/version")):
+        raise ZipError("the archive has no version record, which torch.load requires")
+    order = records.get(f"{prefix}byteorder")  # torch.load fails on anything else
+    if order is not None and read_record(fd, order, limit=16) not in (b"little", b"big"):
+        raise ZipError("the byteorder record is neither 'little' nor 'big'")
+    alignment = records.get(f"{prefix}.storage_alignment")  # torch.load reads it with int()
+    if alignment is not None and not read_record(fd, alignment, limit=32).strip().isdigit():
+        raise ZipError("the .storage_alignment record is not a number")
     return TorchFile(path, "zip", parsed, data, size, record, records)
-
-
-def _read_legacy(path: Path, fd: int, size: int) -> TorchFile:
-    with open(fd, "rb", closefd=False) as stream:
-        stream.seek(0)
-        magic = parse(stream)
-        if magic.root != LEGACY_MAGIC:
-            raise CheckpointError(f"{path} is a plain pickle, not a torch checkpoint; random-ltd does not read it.")
-        parse(stream)  # protocol version
-        parse(stream)  # sys info
-        main_start = stream.tell()
-        parsed = parse(stream, start=main_start)
-    if parsed.end - main_start > MAX_PICKLE:
-        raise CheckpointError(f"{path}: the pickled structure is larger than {MAX_PICKLE} bytes")
-    data = pread_exact(fd, parsed.end - main_start, main_start)
-    _check_legacy_storages(fd, parsed, size)
-    return TorchFile(path, "legacy", parsed, data, size)
-
-
-_ITEMSIZE = {
-    "FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
-    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
-    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "QInt8Storage": 1, "QUInt8Storage": 1,
-    "QInt32Storage": 4, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1, "UntypedStorage": 1,
-}  # fmt: skip
-
-
-def _storages(root: Any) -> dict[str, tuple[str, int]]:
-    """Storage key -> (storage class name, element count), from the persistent ids in the tree."""
-    found: dict[str, tuple[str, int]] = {}
-    for node in walk(root):
-        if isinstance(node, Persistent) and isinstance(node.pid, tuple) and len(node.pid) >= 5:
-            _, kind, key, _, numel = node.pid[:5]
-            if isinstance(kind, Global) and isinstance(key, str) and isinstance(numel, int):
-                found.setdefault(str(key), (kind.name, numel))
-    return found
-
-
-def _check_legacy_storages(fd: int, parsed: Parsed, size: int) -> None:
-    """Walk the raw storages after the pickles (element counts only) and check that they end at EOF."""
-    storages = _storages(parsed.root)
-    with open(fd, "rb", closefd=False) as stream:
-        stream.seek(parsed.end)
-        keys = parse(stream).root
-        pos = stream.tell()
-    if not isinstance(keys, list) or any(k not in storages for k in keys):
-        raise PickleError("the storage key list does not match the pickled structure")
-    for key in keys:
-        type_name = storages[key][0]
-        if type_name not in _ITEMSIZE:
-            return  # an exotic storage type: skip the length check
-        (count,) = struct.unpack("<q", pread_exact(fd, 8, pos))
-        pos += 8 + count * _ITEMSIZE[type_name]
-    if pos != size:
-        raise PickleError(f"the storages end at byte {pos} but the file has {size} bytes")
 
 
 # --- inspection -------------------------------------------------------------------------
@@ -210,7 +267,7 @@ def scan(path: Path, *, trust_pickle: bool = False) -> tuple[list[TensorInfo], d
         if key == "random_ltd":
             _random_ltd_entry(value, metadata)
         elif isinstance(key, str) and isinstance(value, (str, int, float, bool)):
-            metadata[str(key)] = value
+            metadata[str(key)] = _plain(value)
     return tensors, plain_metadata(metadata)
 
 
@@ -220,13 +277,27 @@ def _random_ltd_entry(value: Any, metadata: dict[str, Any]) -> None:
     saved = mapping_items(value)
     if saved is None:
         if value is not None:
-            metadata["random_ltd"] = value
+            metadata["random_ltd"] = _plain(value)
         return
     if saved and all(isinstance(k, str) and isinstance(v, str) for k, v in saved):
         metadata.update({str(k): v for k, v in saved})
     else:  # DeepSpeed's RandomLTDScheduler.state_dict(): plain numbers under string keys
-        state = {str(k): v for k, v in saved if isinstance(k, str) and isinstance(v, (int, float, bool, str))}
+        state = {str(k): _plain(v) for k, v in saved if isinstance(k, str) and isinstance(v, (int, float, bool, str))}
         metadata["deepspeed_random_ltd_state"] = state
+
+
+_MAX_TEXT = 4096  # characters of one metadata string shown by inspect
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of a scalar or a short flat list of scalars; anything else, a short description."""
+    if isinstance(value, (list, tuple)) and len(value) <= 64 and not any(isinstance(v, (list, tuple)) for v in value):
+        return [_plain(v) for v in value]
+    if isinstance(value, str):
+        return str(value) if len(value) <= _MAX_TEXT else f"{value[:_MAX_TEXT]}... ({len(value)} characters)"
+    if value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and value.bit_length() <= 64):
+        return value
+    return describe(value)
 
 
 def wrapped_side_names(path: Path, *, trust_pickle: bool = False) -> list[str]:

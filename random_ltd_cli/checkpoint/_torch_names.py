@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..keys import rename_keys, strip_key
-from ._pickle import Global, Instance, Persistent, PStr, children, mapping_items
+from ._pickle import Global, Instance, Persistent, PStr, children, describe, mapping_items
 
 __all__ = [
     "CONTAINER_KEYS",
@@ -62,6 +62,9 @@ _STORAGE_DTYPES = {
 }  # fmt: skip
 
 
+_MAX_UNWRAP = 8
+
+
 def is_tensor(node: Any) -> bool:
     """Whether ``node`` is a tensor or parameter record (a call to a torch rebuild function)."""
     return isinstance(node, Instance) and node.kind == "reduce" and node.is_call_to(*REBUILD_CALLS)
@@ -82,7 +85,7 @@ class TreeRenames:
 
     def add(self, old: Any, new: str, *, side: bool) -> None:
         if not isinstance(old, PStr):
-            raise ValueError(f"the name {old!r} is not a plain pickled string and cannot be renamed")
+            raise ValueError(f"the name {describe(old)} is not a plain pickled string and cannot be renamed")
         self.subs[old.pos] = (old, new)
         (self._side if side else self._weight).add(old.pos)
 
@@ -98,17 +101,31 @@ class TreeRenames:
         return list(dict.fromkeys((str(old), new) for old, new in pairs))
 
 
+_LEAVES = frozenset({str, PStr, bytes, bytearray, int, float, bool, type(None), Global})
+_SEQUENCES = frozenset({list, tuple, set, frozenset})
+
+
 def walk(root: Any) -> Iterator[Any]:
-    """Every node reachable from ``root``, breadth first, each once."""
+    """Every container, record and persistent id reachable from ``root``, breadth first, each once.
+
+    A loop, not a recursion: the tree may be deep, shared or cyclic. Dispatches on exact types
+    (the parser builds only plain containers), which keeps it fast on large trees.
+    """
     seen: set[int] = set()
     queue = deque([root])
     while queue:
         node = queue.popleft()
-        if id(node) in seen or isinstance(node, (str, bytes, int, float, bool, type(None), Global)):
+        kind = type(node)
+        if kind in _LEAVES or id(node) in seen:
             continue
         seen.add(id(node))
         yield node
-        queue.extend(children(node))
+        if kind is dict:
+            queue.extend(node.values())
+        elif kind in _SEQUENCES:
+            queue.extend(node)
+        else:
+            queue.extend(children(node))
 
 
 def _rename_mapping_keys(pairs: list[tuple[Any, Any]], plan: TreeRenames, *, side: bool) -> None:
@@ -200,12 +217,19 @@ def _storage(node: Any) -> tuple[Any, ...] | None:
 
 def tensor_meta(node: Any) -> tuple[str, tuple[int, ...]]:
     """``(dtype, shape)`` of a tensor record, read from the rebuild call's arguments (``"unknown"`` if unclear)."""
-    args = node.args if isinstance(node, Instance) and isinstance(node.args, tuple) else ()
-    func = node.func.name if isinstance(node, Instance) and isinstance(node.func, Global) else ""
-    if func in ("_rebuild_parameter", "_rebuild_parameter_with_state") and args:
-        return tensor_meta(args[0])
-    if func == "_rebuild_from_type_v2" and len(args) >= 3 and isinstance(args[2], tuple):
-        return tensor_meta(Instance(args[0], args[2]))
+    for _ in range(_MAX_UNWRAP):  # a parameter wraps a tensor; never follow a hostile chain far (no recursion)
+        args = node.args if isinstance(node, Instance) and isinstance(node.args, tuple) else ()
+        func = node.func.name if isinstance(node, Instance) and isinstance(node.func, Global) else ""
+        if func in ("_rebuild_parameter", "_rebuild_parameter_with_state") and args:
+            node = args[0]
+        elif func == "_rebuild_from_type_v2" and len(args) >= 3 and isinstance(args[2], tuple):
+            node = Instance(args[0], args[2])
+        else:
+            return _leaf_meta(func, args)
+    return "unknown", ()
+
+
+def _leaf_meta(func: str, args: tuple[Any, ...]) -> tuple[str, tuple[int, ...]]:
     if func == "_rebuild_meta_tensor_no_storage" and len(args) >= 2:
         return _dtype_name(args[0]), _shape(args[1])
     if func in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_qtensor") and len(args) >= 3:

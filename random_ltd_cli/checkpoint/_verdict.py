@@ -50,8 +50,7 @@ def _allowed(name: str, *, dcp: bool) -> str | None:
         return "engine"
     if is_safe_global(name):
         return "torch"
-    # DCP's reader allows its own metadata classes (merge note: the exact-name DCP check replaces this prefix test)
-    return "dcp" if dcp and name.split(".")[0] in _dcp._SAFE_MODULES else None
+    return "dcp" if dcp and is_safe_global(name, dcp=True) else None  # DCP's own metadata classes, by exact name
 
 
 def judge(qualnames: list[str], *, dcp: bool = False) -> PickleVerdict:
@@ -84,7 +83,7 @@ def pickle_verdicts(root: Path, files: list[str], *, trust_pickle: bool) -> dict
     out: dict[str, PickleVerdict] = {}
     for rel in files:
         tf = read_torch(root / rel if rel else root, trust_pickle=trust_pickle)
-        out[rel or root.name] = judge([g.qualname for g in tf.parsed.globals])
+        out[rel or root.name] = judge([g.qualname for g in tf.globals])
     return out
 
 

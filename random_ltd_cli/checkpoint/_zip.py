@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ._io import pread_exact
 
-__all__ = ["ZipError", "ZipRecord", "patch_record", "read_directory", "read_record"]
+__all__ = [
+    "MAX_ENTRIES", "ZipError", "ZipLimitError", "ZipRecord", "check_name", "patch_record", "read_directory",
+    "read_record",
+]  # fmt: skip
 
 _EOCD = b"PK\x05\x06"
 _EOCD64 = b"PK\x06\x06"
@@ -29,10 +33,21 @@ _U32 = 0xFFFFFFFF
 
 
 class ZipError(Exception):
-    """The archive is truncated, corrupted or uses a layout this module does not rewrite."""
+    """The archive is truncated, corrupted or uses a layout this module does not read or rewrite."""
 
 
-@dataclass
+class ZipLimitError(ZipError):
+    """The archive exceeds one of this module's limits (directory size, entries, record size)."""
+
+
+MAX_DIRECTORY = 8 << 20
+"""Bytes of central directory read (about 120,000 torch records)."""
+MAX_ENTRIES = 1 << 16
+"""Records per archive (a torch checkpoint has one per tensor storage, plus four)."""
+_CHUNK = 1 << 20  # compressed bytes inflated per step
+
+
+@dataclass(slots=True)
 class ZipRecord:
     """One member of the archive, with where its header fields live."""
 
@@ -45,34 +60,53 @@ class ZipRecord:
     header_offset: int
     central_offset: int
     data_offset: int = 0
+    end: int = 0  # first byte after the record's data (and data descriptor)
     local_extra: bytes = b""
     zip64_fields: dict[str, int] = field(default_factory=dict)  # usize/csize -> file offset of its 8-byte value
 
 
 def _find_eocd(fd: int, size: int) -> tuple[int, int, int, int]:
-    """Return (end-of-central-directory offset, entry count, directory size, directory offset)."""
+    """Return (offset where the end records start, entry count, directory size, directory offset)."""
     tail_len = min(size, 22 + 0xFFFF)
     tail = pread_exact(fd, tail_len, size - tail_len)
     at = tail.rfind(_EOCD)
     if at < 0 or len(tail) - at < 22:
         raise ZipError("no end-of-archive record (the file is truncated or not a ZIP archive)")
     eocd = size - tail_len + at
-    _, _, _, count, cd_size, cd_offset, _ = struct.unpack("<HHHHIIH", tail[at + 4 : at + 22])
-    if count == 0xFFFF or cd_size == _U32 or cd_offset == _U32:
-        if eocd < 20:
-            raise ZipError("ZIP64 locator missing")
-        locator = pread_exact(fd, 20, eocd - 20)
-        if locator[:4] != _LOCATOR64:
-            raise ZipError("ZIP64 locator missing")
+    fields = struct.unpack("<HHHHIIH", tail[at + 4 : at + 22])
+    disk, cd_disk, disk_count, count, cd_size, cd_offset, comment_len = fields
+    if at + 22 + comment_len != len(tail):
+        raise ZipError("bytes follow the end-of-archive record (a ZIP archive must end with it)")
+    if disk != 0 or cd_disk != 0 or disk_count != count:
+        raise ZipError("a multi-volume (spanned) ZIP archive")
+    end_records = eocd
+    wide = count == 0xFFFF or cd_size == _U32 or cd_offset == _U32
+    locator = pread_exact(fd, 20, eocd - 20) if eocd >= 20 else b""
+    if locator[:4] == _LOCATOR64:  # torch writes the ZIP64 end records even for small archives
         (eocd64,) = struct.unpack("<Q", locator[8:16])
+        if eocd64 + 56 > eocd - 20:
+            raise ZipError("the ZIP64 end-of-archive record lies outside the archive")
         record = pread_exact(fd, 56, eocd64)
-        if record[:4] != _EOCD64:
-            raise ZipError("ZIP64 end-of-archive record missing")
-        count, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
-        eocd = eocd64
-    if cd_offset + cd_size > eocd:
-        raise ZipError("the central directory points past the end of the archive")
-    return eocd, count, cd_size, cd_offset
+        (record_size,) = struct.unpack("<Q", record[4:12])
+        if record[:4] != _EOCD64 or eocd64 + 12 + record_size != eocd - 20:
+            raise ZipError("ZIP64 end-of-archive record missing or misplaced")
+        count64, total64, size64, offset64 = struct.unpack("<QQQQ", record[24:56])
+        for short, full, saturated in ((count, total64, 0xFFFF), (cd_size, size64, _U32), (cd_offset, offset64, _U32)):
+            if short not in (full, saturated):
+                raise ZipError("the ZIP64 and classic end-of-archive records disagree")
+        if count64 != total64:
+            raise ZipError("a multi-volume (spanned) ZIP archive")
+        count, cd_size, cd_offset, end_records = total64, size64, offset64, eocd64
+    elif wide:
+        raise ZipError("ZIP64 locator missing")
+    if cd_offset + cd_size != end_records:
+        raise ZipError("the central directory does not end where the end-of-archive records start")
+    if count > MAX_ENTRIES or cd_size > MAX_DIRECTORY:
+        raise ZipLimitError(
+            f"the archive lists {count} records in a {cd_size}-byte directory; this reader stops at "
+            f"{MAX_ENTRIES} records and {MAX_DIRECTORY >> 20} MiB"
+        )
+    return end_records, count, cd_size, cd_offset
 
 
 def _zip64_fields(extra: bytes, base: int, wanted: list[str]) -> dict[str, tuple[int, int]]:
@@ -95,16 +129,35 @@ def _zip64_fields(extra: bytes, base: int, wanted: list[str]) -> dict[str, tuple
     return found
 
 
+def check_name(name: str) -> None:
+    """Refuse names a ZIP reader could resolve outside its target: absolute, ``..``, backslashes, empty parts."""
+    parts = name.split("/")
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or "\0" in name
+        or any(part in ("", ".", "..") for part in parts)
+        or (len(parts[0]) == 2 and parts[0][1] == ":")
+    ):
+        raise ZipError(f"the record name {name[:200]!r} is not a plain relative path")
+
+
 def read_directory(fd: int) -> dict[str, ZipRecord]:
-    """Read the central directory and every local header; check that all records lie inside the file.
+    """Read and check the central directory and every local header.
+
+    Checks: the end records are where they must be; names are unique, relative and free of
+    ``..``; each local header agrees with its directory entry; stored records have equal
+    sizes; records lie inside the file and do not overlap each other or the directory.
 
     Raises:
-        ZipError: truncated or corrupted archive.
+        ZipLimitError: more records or a larger directory than this reader accepts.
+        ZipError: truncated, corrupted or ambiguous archive.
     """
     try:
         return _read_directory(fd)
     except (EOFError, struct.error, UnicodeDecodeError) as exc:
-        raise ZipError(str(exc)) from exc
+        raise ZipError(f"corrupted ZIP structure ({exc})") from exc
 
 
 def _read_directory(fd: int) -> dict[str, ZipRecord]:
@@ -120,59 +173,138 @@ def _read_directory(fd: int) -> dict[str, ZipRecord]:
             "<HHHHIIIHHH", directory[at + 8 : at + 34]
         )
         (header_offset,) = struct.unpack("<I", directory[at + 42 : at + 46])
-        name = directory[at + 46 : at + 46 + name_len].decode("utf-8" if flags & 0x800 else "cp437")
+        if at + 46 + name_len + extra_len + comment_len > len(directory):
+            raise ZipError("corrupted central directory (an entry runs past its end)")
+        raw_name = directory[at + 46 : at + 46 + name_len]
+        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        check_name(name)
+        if name in records:
+            raise ZipError(f"the archive holds two records named {name!r}; readers disagree on which one counts")
         extra = directory[at + 46 + name_len : at + 46 + name_len + extra_len]
         values = {"usize": usize, "csize": csize, "header_offset": header_offset}
         wanted = [k for k in ("usize", "csize", "header_offset") if values[k] == _U32]
         wide = _zip64_fields(extra, cd_offset + at + 46 + name_len, wanted)
         values.update({k: v for k, (v, _) in wide.items()})
         rec = ZipRecord(
-            name,
-            flags,
-            method,
-            crc,
-            values["csize"],
-            values["usize"],
-            values["header_offset"],
-            cd_offset + at,
+            name, flags, method, crc, values["csize"], values["usize"], values["header_offset"], cd_offset + at,
             zip64_fields={k: off for k, (_, off) in wide.items() if k != "header_offset"},
-        )
-        _read_local_header(fd, rec, size)
+        )  # fmt: skip
+        _check_entry(rec)
+        _read_local_header(fd, rec, raw_name, cd_offset)
         records[name] = rec
         at += 46 + name_len + extra_len + comment_len
+    if at != cd_size:
+        raise ZipError("the central directory holds more bytes than its entries")
+    _check_layout(records.values(), cd_offset)
     return records
 
 
-def _read_local_header(fd: int, rec: ZipRecord, size: int) -> None:
-    if rec.header_offset + 30 > size:
-        raise ZipError(f"record {rec.name!r} starts past the end of the file")
+def _check_entry(rec: ZipRecord) -> None:
+    if rec.flags & 0x41:
+        raise ZipError(f"record {rec.name!r} is encrypted")
+    if rec.method not in (0, 8):
+        raise ZipError(f"record {rec.name!r} uses compression method {rec.method} (only stored and deflated are read)")
+    if rec.method == 0 and rec.csize != rec.usize:
+        raise ZipError(f"record {rec.name!r} is stored uncompressed but its two sizes differ")
+
+
+def _read_local_header(fd: int, rec: ZipRecord, raw_name: bytes, cd_offset: int) -> None:
+    if rec.header_offset + 30 > cd_offset:
+        raise ZipError(f"record {rec.name!r} starts inside or past the central directory")
     head = pread_exact(fd, 30, rec.header_offset)
     if head[:4] != _LOCAL:
         raise ZipError(f"record {rec.name!r}: bad local header")
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    flags, method, _, _, crc, csize, usize, name_len, extra_len = struct.unpack("<HHHHIIIHH", head[6:30])
+    local_name = pread_exact(fd, name_len, rec.header_offset + 30)
+    if local_name != raw_name or method != rec.method or (flags ^ rec.flags) & 0x49:
+        raise ZipError(f"record {rec.name!r}: the local header disagrees with the central directory")
     rec.local_extra = pread_exact(fd, extra_len, rec.header_offset + 30 + name_len)
     rec.data_offset = rec.header_offset + 30 + name_len + extra_len
-    if rec.data_offset + rec.csize > size:
-        raise ZipError(f"record {rec.name!r} runs past the end of the file (truncated)")
+    rec.end = rec.data_offset + rec.csize
+    if rec.end > cd_offset:
+        raise ZipError(f"record {rec.name!r} runs into the central directory (truncated or overlapping)")
+    if rec.flags & 0x8:
+        has_sig, width = _descriptor(fd, rec)
+        rec.end += (4 if has_sig else 0) + (12 if width == 4 else 20)
+        return
+    sizes = [csize, usize]
+    if _U32 in sizes:
+        wide = _zip64_fields(rec.local_extra, 0, [k for k, v in (("usize", usize), ("csize", csize)) if v == _U32])
+        sizes = [wide["csize"][0] if csize == _U32 else csize, wide["usize"][0] if usize == _U32 else usize]
+    if crc != rec.crc or sizes != [rec.csize, rec.usize]:
+        raise ZipError(f"record {rec.name!r}: the local header disagrees with the central directory")
+
+
+def _check_layout(records: Iterable[ZipRecord], cd_offset: int) -> None:
+    """Records must not overlap (one byte range read as two records is how ZIP bombs and confusions work)."""
+    previous: ZipRecord | None = None
+    for rec in sorted(records, key=lambda r: r.header_offset):
+        if previous is not None and rec.header_offset < previous.end:
+            raise ZipError(f"records {previous.name!r} and {rec.name!r} overlap")
+        previous = rec
+    if previous is not None and previous.end > cd_offset:
+        raise ZipError(f"record {previous.name!r} overlaps the central directory")
 
 
 def read_record(fd: int, rec: ZipRecord, *, limit: int) -> bytes:
-    """The uncompressed bytes of a (stored or deflated) record, CRC-checked; at most ``limit`` bytes."""
-    if rec.usize > limit:
-        raise ZipError(f"record {rec.name!r} is {rec.usize} bytes, over the {limit}-byte limit")
+    """The uncompressed bytes of a (stored or deflated) record, CRC-checked; at most ``limit`` bytes.
+
+    A deflated record is inflated a piece at a time and refused as soon as it outgrows its
+    declared size, so no more than ``limit`` bytes are ever held.
+
+    Raises:
+        ZipLimitError: the record is declared larger than ``limit``.
+        ZipError: corrupted data (bad deflate stream, size or CRC-32 mismatch).
+    """
+    if rec.usize > limit or rec.csize > limit:
+        raise ZipLimitError(f"record {rec.name!r} is {max(rec.usize, rec.csize)} bytes, over the {limit}-byte limit")
     try:
-        raw = pread_exact(fd, rec.csize, rec.data_offset)
+        data = pread_exact(fd, rec.csize, rec.data_offset) if rec.method == 0 else _inflate(fd, rec)
     except EOFError as exc:
         raise ZipError(f"record {rec.name!r} is truncated") from exc
-    if rec.method == 8:
-        data = zlib.decompressobj(-15).decompress(raw, limit + 1)
-    elif rec.method == 0:
-        data = raw
-    else:
-        raise ZipError(f"record {rec.name!r} uses compression method {rec.method}")
     if len(data) != rec.usize or zlib.crc32(data) != rec.crc:
         raise ZipError(f"record {rec.name!r} is corrupted (size or CRC-32 mismatch)")
     return data
+
+
+def _inflate(fd: int, rec: ZipRecord) -> bytes:
+    return b"".join(_inflated_pieces(fd, rec))
+
+
+def check_deflated(fd: int, rec: ZipRecord) -> None:
+    """Inflate a deflated record piece by piece, holding none of it, and check its size and CRC-32.
+
+    torch.load does not check a compressed tensor record: a corrupt one loads as garbage.
+    """
+    total, crc = 0, 0
+    for piece in _inflated_pieces(fd, rec):
+        total += len(piece)
+        crc = zlib.crc32(piece, crc)
+    if total != rec.usize or crc != rec.crc:
+        raise ZipError(f"record {rec.name!r} is corrupted (size or CRC-32 mismatch)")
+
+
+def _inflated_pieces(fd: int, rec: ZipRecord) -> Iterator[bytes]:
+    inflater = zlib.decompressobj(-15)
+    total = 0
+    try:
+        for done in range(0, rec.csize, _CHUNK):
+            pending = pread_exact(fd, min(_CHUNK, rec.csize - done), rec.data_offset + done)
+            while not inflater.eof:  # until this input is used up and no output is pending
+                piece = inflater.decompress(pending, min(rec.usize - total + 1, _CHUNK))  # never past the size + 1
+                total += len(piece)
+                if total > rec.usize:
+                    raise ZipError(f"record {rec.name!r} inflates to more than its declared {rec.usize} bytes")
+                pending = inflater.unconsumed_tail
+                if not piece and not pending:
+                    break
+                yield piece
+            if inflater.eof and (pending or inflater.unused_data or done + _CHUNK < rec.csize):
+                raise ZipError(f"record {rec.name!r} has bytes after the end of its compressed data")
+    except zlib.error as exc:
+        raise ZipError(f"record {rec.name!r} is not valid deflate data ({exc})") from exc
+    if not inflater.eof:
+        raise ZipError(f"record {rec.name!r}: its compressed data is truncated")
 
 
 def _descriptor(fd: int, rec: ZipRecord) -> tuple[bool, int]:
@@ -196,7 +328,12 @@ def patch_record(fd: int, rec: ZipRecord, data: bytes) -> list[tuple[int, bytes]
     ``data`` must not be longer than the record. Every other record keeps its offset. The
     writes are computed (and every check made) before anything is written.
     """
-    if rec.method != 0 or len(data) > rec.usize:
+    if rec.method != 0:
+        raise ZipError(
+            f"record {rec.name!r} is compressed; strip rewrites it only stored uncompressed, as torch.save writes it "
+            "(load the file with torch and save it again)"
+        )
+    if len(data) > rec.usize:
         raise ZipError(f"record {rec.name!r} cannot be replaced in place")
     shrink = rec.usize - len(data)
     crc = zlib.crc32(data)

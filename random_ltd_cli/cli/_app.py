@@ -104,6 +104,8 @@ def user_errors(as_json: bool = False, interrupted: str = "nothing was written")
         fail(f"no such file or directory: {exc.filename or exc}. Check the path and retry.")
     except IsADirectoryError as exc:
         fail(f"expected a file but found a directory: {exc.filename or exc}.")
+    except OSError as exc:  # e.g. a name too long for the file system, an I/O error
+        fail(f"{exc.filename or 'a file'}: {exc.strerror or exc}. Check the path and retry.")
     except KeyboardInterrupt:
         fail(f"interrupted; {interrupted}.", code=INTERRUPTED)
     finally:

@@ -10,13 +10,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ._plain import json_ready
+
 
 def stdout_console() -> Console:
     return Console(file=sys.stdout, highlight=False, soft_wrap=False)
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """One JSON document on stdout, bounded in depth and size (see :func:`._plain.json_ready`)."""
+    sys.stdout.write(json.dumps(json_ready(data), indent=2) + "\n")
 
 
 def layers_table(report: Any, title: str) -> Table:

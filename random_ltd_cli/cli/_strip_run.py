@@ -3,7 +3,7 @@
 Typer builds a pydantic validator for every parameter, and with rich that is most of a second
 of start-up on a small machine: more than the copy itself takes for a checkpoint of a few GiB.
 So :func:`fast_main` runs a plain ``random-ltd strip PATH... [-o OUT] [--in-place] [--dry-run]
-[--json] [--trust-pickle]`` before Typer is imported. Both it and the Typer command in
+[--json] [--trust-pickle] [--force]`` before Typer is imported. Both it and the Typer command in
 :mod:`.strip` call :func:`execute`, so the library calls, output, ``Error:`` lines, JSON errors
 and exit codes (1, 130) are the same. Anything the fast path does not parse unambiguously
 (``--help``, an unknown or repeated option, a usage error) is left to Typer. Typer is imported
@@ -34,7 +34,8 @@ PROGRESS_MIN_BYTES = 64 << 20
 PLAIN_INTERVAL_S = 5.0
 """Without a terminal, one plain progress line on stderr at most this often."""
 
-_FLAGS = {"--in-place": "in_place", "--dry-run": "dry_run", "--json": "as_json", "--trust-pickle": "trust_pickle"}
+_FLAGS = {"--in-place": "in_place", "--dry-run": "dry_run", "--json": "as_json", "--trust-pickle": "trust_pickle",
+          "--force": "force"}
 
 
 def _note(message: str) -> None:
@@ -124,7 +125,7 @@ class StripStop(Exception):
 
 
 def run(
-    paths: list[Path], output: Path | None, *, in_place: bool, dry_run: bool, trust_pickle: bool
+    paths: list[Path], output: Path | None, *, in_place: bool, dry_run: bool, trust_pickle: bool, force: bool = False
 ) -> list[StripReport]:
     """The library calls behind ``random-ltd strip``: check every input, then write each in turn.
 
@@ -134,10 +135,10 @@ def run(
     """
     from ..checkpoint import strip_checkpoint
 
-    if len(paths) > 1 and output is not None and not output.is_dir():
+    if len(paths) > 1 and output is not None and not _is_dir(output):
         raise StripStop(f"-o {str(output)!r} must be an existing folder when stripping {len(paths)} inputs; "
                         "create it, or strip one input at a time.")
-    kwargs: dict[str, Any] = {"in_place": in_place, "trust_pickle": trust_pickle}
+    kwargs: dict[str, Any] = {"in_place": in_place, "trust_pickle": trust_pickle, "overwrite": force}
     # With several inputs, each goes into the -o folder under its own name.
     outputs = [output / (p.name or p.resolve().name) if output is not None and len(paths) > 1 else output
                for p in paths]
@@ -161,6 +162,13 @@ def run(
     return reports
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a name too long: not a usable folder
+        return False
+
+
 def report_error(exc: BaseException, as_json: bool) -> int:
     """Print ``exc`` as every command reports errors (``._app.user_errors``); return the exit code.
 
@@ -181,11 +189,12 @@ def report_error(exc: BaseException, as_json: bool) -> int:
 
 
 def execute(
-    paths: list[Path], output: Path | None, *, in_place: bool, dry_run: bool, as_json: bool, trust_pickle: bool
+    paths: list[Path], output: Path | None, *, in_place: bool, dry_run: bool, as_json: bool, trust_pickle: bool,
+    force: bool = False,
 ) -> int:
     """The whole ``random-ltd strip`` after parsing: strip, print the result or the error; the exit code."""
     try:
-        reports = run(paths, output, in_place=in_place, dry_run=dry_run, trust_pickle=trust_pickle)
+        reports = run(paths, output, in_place=in_place, dry_run=dry_run, trust_pickle=trust_pickle, force=force)
     except (Exception, KeyboardInterrupt) as exc:
         return report_error(exc, as_json)
     render(reports, as_json)
@@ -205,6 +214,8 @@ def render(reports: list[StripReport], as_json: bool) -> None:
 
 
 def _render(report: StripReport) -> None:
+    from ._plain import text
+
     if report.entries:
         for entry in report.entries:
             _render(entry)
@@ -212,23 +223,23 @@ def _render(report: StripReport) -> None:
             _note(f"Dry run: {report.source} holds {_plural(len(report.entries), 'checkpoint')}; would write "
                   f"{'them in place' if report.in_place else report.output}; nothing was written.")
         elif report.wrote:
-            print(f"Wrote {report.output}: {_plural(len(report.entries), 'checkpoint')}, other files copied.")
+            print(text(f"Wrote {report.output}: {_plural(len(report.entries), 'checkpoint')}, other files copied."))
         return
     if report.renamed_count == 0 and report.side_renamed_count == 0:
-        print(f"Nothing to strip: no name in {report.source} has a 'random_ltd_layer' segment.")
+        print(text(f"Nothing to strip: no name in {report.source} has a 'random_ltd_layer' segment."))
         if report.wrote:
             _note(f"Copied it unchanged to {report.output}.")
         return
     if report.dry_run:
         for old, new in report.renamed:
-            print(f"{old} -> {new}")
+            print(text(f"{old} -> {new}"))  # names from a pickle may hold lone surrogates
         for old, new in report.side_renamed:  # DeepSpeed's side tables, module metadata
-            print(f"{old} -> {new} (side table)")
+            print(text(f"{old} -> {new} (side table)"))
         where = "in place" if report.in_place else f"to {report.output}"
         _note(f"Dry run: would rename {_names(report)} in {report.source} and write {where}; nothing was written.")
         return
     where = " (in place)" if report.in_place else ""
-    print(f"Stripped {_names(report)} from {report.source}: {report.output}{where}")
+    print(text(f"Stripped {_names(report)} from {report.source}: {report.output}{where}"))  # paths: any bytes
 
 
 def _plural(n: int, word: str) -> str:

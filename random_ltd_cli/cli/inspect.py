@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ._app import JsonOption, app, fail, user_errors
+from ._plain import json_ready, text
 from ._render import human_count, layers_table, print_json, stdout_console
 from .convert import (
     BatchSizeOption,
@@ -60,24 +61,27 @@ def inspect(
       random-ltd inspect out/                  (a Trainer output_dir: each checkpoint)
       random-ltd inspect transformers:GPT2LMHeadModel --init '{"n_layer": 4}' --ds-config ds.json
     """
+    from ..checkpoint._fs import path_exists
     from ..target import is_import_path
 
     with user_errors(as_json):
         if target is None:
             _show_checkpoint(Path.cwd(), as_json, trust_pickle, here=True)
-        elif not Path(target).exists() and is_import_path(target):
+        elif not path_exists(target) and is_import_path(target):
             _show_model(target, as_json, init=init, layer_type=layer_type, layers=layers, ds_config=ds_config,
                         steps=steps, seq_len=seq_len, min_value=min_value, require_steps=require_steps,
                         seq_per_step=seq_per_step, batch_size=batch_size,
                         seq_args=parse_seq_arg_options(seq_arg), stack=stack)
-        elif Path(target).exists():
+        elif path_exists(target):  # also a name too long or a FIFO: the library says what is wrong
             _show_checkpoint(Path(target), as_json, trust_pickle)
         else:
             fail(f"{target!r} is neither an existing checkpoint path nor an import path 'package.module:attr'.")
 
 
 def _checkpoint_json(info: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(info.to_dict(), default=str))
+    """The report as plain data, bounded: metadata from a pickle may be nested without limit."""
+    data: dict[str, Any] = json_ready(info.to_dict())
+    return data
 
 
 def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool, here: bool = False) -> None:
@@ -99,11 +103,11 @@ def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool, here: bool =
         console.print(_run_table(info))
         for e in info.entries:
             if e.format == "unreadable":
-                console.print(escape(f"{e.path.name}: {e.metadata['error']}"), soft_wrap=True)
+                console.print(escape(text(f"{e.path.name}: {e.metadata['error']}")), soft_wrap=True)
     else:
         console.print(_info_table(info, data))
-    if info.side_files:
-        other = ", ".join(f"{name} ({role})" for name, role in info.side_files.items())
+    if data["side_files"]:
+        other = ", ".join(f"{name} ({role})" for name, role in data["side_files"].items())
         console.print(escape(f"other files (copied unchanged by strip): {other}"), soft_wrap=True)
 
 
@@ -114,18 +118,19 @@ def _kind(info: Any, short: bool = False) -> str:
 
 
 def _info_table(info: Any, data: dict[str, Any]) -> Table:
-    table = Table(title=escape(f"{info.path} ({_kind(info)})"), title_justify="left", show_header=False)
+    table = Table(title=escape(f"{data['path']} ({_kind(info)})"), title_justify="left", show_header=False)
     table.add_column("field")
     table.add_column("value")
     table.add_row("tensors", str(info.tensor_count))
     table.add_row("parameters", f"{human_count(info.parameter_count)} ({info.parameter_count})")
     if data.get("dtypes"):
         table.add_row("dtypes", escape(", ".join(f"{k}: {v}" for k, v in data["dtypes"].items())))
-    wrapped = list(info.wrapped_layers)
+    wrapped = list(data["wrapped_layers"])  # from data: user strings made printable
     table.add_row("wrapped layers", escape(", ".join(wrapped)) if wrapped else "none (plain checkpoint)")
-    if isinstance(info.metadata, dict) and isinstance(info.metadata.get("note"), str):
-        table.add_row("note", escape(info.metadata["note"]))  # e.g. a ZeRO-3 or DCP folder: how to consolidate
-    settings = info.metadata.get("random_ltd") if isinstance(info.metadata, dict) else None
+    metadata = data["metadata"]
+    if isinstance(metadata, dict) and isinstance(metadata.get("note"), str):
+        table.add_row("note", escape(metadata["note"]))  # e.g. a ZeRO-3 or DCP folder: how to consolidate
+    settings = metadata.get("random_ltd") if isinstance(metadata, dict) else None
     if isinstance(settings, dict):
         for key, value in settings.items():
             if key == "wrapped_layers":
@@ -153,13 +158,13 @@ def _pickle_lines(pickles: dict[str, Any]) -> str:
 
 def _run_table(info: Any) -> Table:
     count = f"{len(info.entries)} checkpoint{'s' if len(info.entries) != 1 else ''}"
-    table = Table(title=escape(f"{info.path} ({_kind(info)}): {count}"), title_justify="left")
+    table = Table(title=escape(text(f"{info.path} ({_kind(info)}): {count}")), title_justify="left")
     for col in ("checkpoint", "format or kind", "tensors", "parameters", "wrapped layers", "pickles"):
         table.add_column(col, no_wrap=col in ("checkpoint", "format or kind"))
     for e in info.entries:
-        wrapped = list(e.wrapped_layers)
+        wrapped = [text(w) for w in e.wrapped_layers]
         shown = f"{len(wrapped)} ({_span(wrapped)})" if wrapped else "none"
-        table.add_row(escape(e.path.name), escape(_kind(e, short=True)), str(e.tensor_count),
+        table.add_row(escape(text(e.path.name)), escape(_kind(e, short=True)), str(e.tensor_count),
                       human_count(e.parameter_count), escape(shown), _pickle_short(e.pickles))
     return table
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ._app import DryRunOption, JsonOption, app
+from ._app import DryRunOption, ForceOption, JsonOption, app
 from ._strip_run import PLAIN_INTERVAL_S, PROGRESS_MIN_BYTES, _ProgressBar, execute
 
 __all__ = ["PLAIN_INTERVAL_S", "PROGRESS_MIN_BYTES", "_ProgressBar", "strip"]
@@ -50,6 +50,7 @@ def strip(
     dry_run: DryRunOption = False,
     as_json: JsonOption = False,
     trust_pickle: TrustOption = False,
+    force: ForceOption = False,
 ) -> None:
     """Remove the '.random_ltd_layer' segment from every weight name, so plain models load the checkpoint.
 
@@ -59,6 +60,7 @@ def strip(
     on its own and every other file is copied unchanged.
 
     The input is not modified unless --in-place; tensor bytes are copied as they are; pickles are never run.
+    An existing output file is refused unless --force; a link, FIFO or device is never replaced.
     Default outputs sit where no trainer rotates or resumes from them: out/checkpoint-500 ->
     out.stripped/checkpoint-500, checkpoints/last.ckpt -> checkpoints.stripped/last.ckpt.
 
@@ -70,6 +72,7 @@ def strip(
     """
     if in_place and output is not None:
         raise typer.BadParameter("use either --in-place or -o/--output, not both.", param_hint="'--in-place'")
-    code = execute(paths, output, in_place=in_place, dry_run=dry_run, as_json=as_json, trust_pickle=trust_pickle)
+    code = execute(paths, output, in_place=in_place, dry_run=dry_run, as_json=as_json, trust_pickle=trust_pickle,
+                   force=force)
     if code:
         raise typer.Exit(code)

@@ -30,6 +30,7 @@ P = Path
         (["strip", "--output=b", "a", "--trust-pickle"], {"paths": [P("a")], "output": P("b"), "trust_pickle": True}),
         (["strip", "-ob", "--dry-run", "a"], {"paths": [P("a")], "output": P("b"), "dry_run": True}),
         (["strip", "--in-place", "--", "-a"], {"paths": [P("-a")], "output": None, "in_place": True}),
+        (["strip", "a", "-o", "b", "--force"], {"paths": [P("a")], "output": P("b"), "force": True}),
         (["strip"], None),
         (["strip", "a", "--help"], None),
         (["strip", "a", "b"], {"paths": [P("a"), P("b")], "output": None}),  # several inputs, run folders
@@ -47,7 +48,7 @@ P = Path
     ],
 )
 def test_parse_plain(argv: list[str], expected: dict[str, Any] | None) -> None:
-    flags = {"in_place": False, "dry_run": False, "as_json": False, "trust_pickle": False}
+    flags = {"in_place": False, "dry_run": False, "as_json": False, "trust_pickle": False, "force": False}
     assert parse_plain(argv) == (None if expected is None else {**flags, **expected})
 
 
