@@ -382,3 +382,12 @@ def test_a_verdict_converts_to_json() -> None:
     data = json.loads(json.dumps([v.to_dict() for v in verify_random_ltd(model, _ids(), _positions())]))
     assert [(d["name"], d["status"], d["method"], d["calls"], d["seq_len"]) for d in data] == [
         ("layers.1", "exact", "sdpa", 1, S), ("layers.2", "exact", "sdpa", 1, S)]
+
+
+def test_with_several_ranks_first_means_the_first_dropping_call_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _count_checks(monkeypatch)
+    monkeypatch.setattr(verify_module, "_distributed", lambda: True)  # as under torch.distributed, world > 1
+    model = convert_to_random_ltd(_lm(), RopeBlock, reserved_length=R)
+    lm_loss(model, _ids(), position_ids=_positions())
+    lm_loss(model, _ids(), position_ids=_positions(), attention_mask=torch.zeros(2, 1, S, S))  # new signature
+    assert len(seen) == 2  # not again: a signature seen by one rank only would leave collectives unmatched
