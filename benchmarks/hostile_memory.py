@@ -38,6 +38,7 @@ from hostile_files import (  # noqa: E402  (the shared builders live with the te
     deep_key_pickle,
     deflate_bomb,
     legacy_torch_save,
+    pickle_zip,
     raw_zip,
     split_legacy,
     zip_entries,
@@ -51,7 +52,7 @@ CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "random_ltd
 
 
 def _stored_zip(path: Path, pkl: bytes) -> Path:
-    return raw_zip(path, [("archive/data.pkl", 0, pkl, len(pkl), zlib.crc32(pkl))])
+    return pickle_zip(path, pkl)
 
 
 def _spam(path: Path, opcode: bytes, count: int) -> Path:
