@@ -118,6 +118,17 @@ class TorchFile:
     globals: list[Global] = field(default_factory=list)  # of every pickle in the file, in order
 
 
+WEIGHTS_ONLY_OPCODES = frozenset(
+    {
+        "GLOBAL", "NEWOBJ", "REDUCE", "BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "MARK", "TUPLE",
+        "TUPLE1", "TUPLE2", "TUPLE3", "NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT",
+        "EMPTY_SET", "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE", "SHORT_BINSTRING", "BINPERSID",
+        "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT", "LONG1", "PROTO", "STOP",
+    }
+)  # fmt: skip
+"""The opcodes torch's weights-only unpickler executes (torch/_weights_only_unpickler.py); others it refuses."""
+
+
 class _Guard:
     """Collects the globals of every pickle read from one file and refuses unsafe ones at once."""
 
@@ -129,6 +140,13 @@ class _Guard:
             self.seen.setdefault((g.module, g.name), g)
         if not self.trust:
             _refuse_unsafe(self.path, parsed.globals)
+            other = sorted(parsed.opcodes - WEIGHTS_ONLY_OPCODES)
+            if other:
+                raise UnsafePickleError(
+                    f"{self.path} uses pickle opcodes that torch.load(weights_only=True) does not read: "
+                    f"{', '.join(other)} (a pickle protocol above 2, or a hand-made pickle). Loading it needs "
+                    "weights_only=False; only if you trust its source, pass --trust-pickle (trust_pickle=True)."
+                )
         return parsed
 
 

@@ -37,8 +37,12 @@ def storages(root: Any) -> dict[str, tuple[str, int]]:
         if not isinstance(node, Persistent):
             continue
         pid = node.pid
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             raise PickleError(f"a persistent id is not a tensor storage ({describe(pid)})")
+        view = pid[5] if len(pid) == 6 else None  # legacy files: None or (view key, offset, size)
+        if view is not None and not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
+                                     and type(view[1]) is int and type(view[2]) is int):  # fmt: skip
+            raise PickleError(f"a storage view is malformed ({describe(view)})")
         _, kind, key, location, numel = pid[:5]
         if not (isinstance(kind, Global) and isinstance(key, str) and isinstance(location, str) and type(numel) is int):
             raise PickleError(f"a storage reference is malformed ({describe(key)})")
