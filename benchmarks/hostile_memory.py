@@ -56,7 +56,8 @@ def _stored_zip(path: Path, pkl: bytes) -> Path:
 
 
 def _spam(path: Path, opcode: bytes, count: int) -> Path:
-    return _stored_zip(path, b"\x80\x04(" + opcode * count + b"l.")
+    """A list of ``count`` objects made by ``opcode``, in opcodes torch's weights-only unpickler reads."""
+    return _stored_zip(path, b"\x80\x02](" + opcode * count + b"e.")
 
 
 def _tensors(path: Path, count: int) -> Path:

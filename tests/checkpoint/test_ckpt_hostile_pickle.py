@@ -250,7 +250,7 @@ def _bombs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 def _budget_bomb(path: Path) -> Path:
     """A 6 MiB data.pkl of empty sets (224 bytes each in memory): past the object budget."""
-    pkl = b"\x80\x04(" + b"\x8f" * (6 << 20) + b"l."
+    pkl = b"\x80\x02](" + b"\x8f" * (6 << 20) + b"e."
     return pickle_zip(path, pkl)
 
 
