@@ -36,6 +36,7 @@ from ._copy import copy_patched
 from ._io import Progress, copy_range, write_at
 from ._pickle import (
     Global,
+    Instance,
     Parsed,
     PickleError,
     PickleLimitError,
@@ -270,8 +271,9 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
     _check_small_records(fd, records, prefix)
     data = read_record(fd, record, limit=MAX_PICKLE)
     parsed = guard(parse(data))
-    found = storages(parsed.root)
-    check_tensors(parsed.root, found)
+    calls: list[Instance] = []
+    found = storages(parsed.root, calls)
+    check_tensors(calls, found)
     for key, (type_name, numel) in found.items():
         rec = records.get(f"{prefix}data/{key}")
         need = numel * ITEMSIZE[type_name]

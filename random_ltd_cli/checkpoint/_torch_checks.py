@@ -22,9 +22,10 @@ ITEMSIZE = {
 }  # fmt: skip
 
 
-def storages(root: Any) -> dict[str, tuple[str, int]]:
+def storages(root: Any, calls: list[Instance] | None = None) -> dict[str, tuple[str, int]]:
     """Storage key -> (storage class name, element count), from the persistent ids in the tree.
 
+    ``calls``, if given, receives every call record met on the way (for :func:`check_tensors`).
     Every persistent id must be what torch's loader accepts: ``("storage", <storage class>, key,
     location, element count, ...)``.
 
@@ -34,6 +35,8 @@ def storages(root: Any) -> dict[str, tuple[str, int]]:
     """
     found: dict[str, tuple[str, int]] = {}
     for node in walk(root):
+        if calls is not None and isinstance(node, Instance) and isinstance(node.func, Global):
+            calls.append(node)  # for check_tensors, without a second walk over a large tree
         if not isinstance(node, Persistent):
             continue
         pid = node.pid
@@ -64,14 +67,14 @@ _DTYPE_SIZE = {
 }  # fmt: skip
 
 
-def check_tensors(root: Any, found: dict[str, tuple[str, int]]) -> None:
-    """Every tensor rebuild call has torch's number of arguments and stays inside its storage.
+def check_tensors(calls: list[Instance], found: dict[str, tuple[str, int]]) -> None:
+    """Every tensor rebuild call among ``calls`` has torch's number of arguments and stays inside its storage.
 
     Raises:
         PickleError: a call torch.load would reject.
     """
-    for node in walk(root):
-        if not (isinstance(node, Instance) and isinstance(node.func, Global) and node.func.module == "torch._utils"):
+    for node in calls:
+        if not (isinstance(node.func, Global) and node.func.module == "torch._utils"):
             continue
         limits = _ARITY.get(node.func.name)
         if limits is None:

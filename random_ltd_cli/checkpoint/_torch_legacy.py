@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ._io import pread_exact
-from ._pickle import Parsed, PickleError, PickleLimitError, PickleTruncatedError, describe, parse
+from ._pickle import Instance, Parsed, PickleError, PickleLimitError, PickleTruncatedError, describe, parse
 from ._torch_checks import ITEMSIZE, check_tensors, storages
 
 __all__ = ["LEGACY_MAGIC", "MAX_PICKLE", "parse_at", "read_legacy"]
@@ -67,8 +67,9 @@ def read_legacy(path: Path, fd: int, size: int, guard: Callable[[Parsed], Parsed
 
 def _check_storages(fd: int, parsed: Parsed, keys: Parsed, size: int) -> None:
     """Walk the raw storages after the pickles (element counts only) and check that they end at EOF."""
-    found = storages(parsed.root)
-    check_tensors(parsed.root, found)
+    calls: list[Instance] = []
+    found = storages(parsed.root, calls)
+    check_tensors(calls, found)
     listed = keys.root
     if (
         not isinstance(listed, list)
