@@ -45,7 +45,7 @@ from ._pickle import (
     parse,
     substitute,
 )
-from ._torch_checks import ITEMSIZE, check_tensors, storages
+from ._torch_checks import ITEMSIZE, check_small_records, check_tensors, storages
 from ._torch_legacy import MAX_PICKLE, read_legacy
 from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta
 from ._zip import ZipError, ZipLimitError, ZipRecord, patch_record, read_directory, read_record
@@ -237,25 +237,6 @@ def _read(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
     return tf
 
 
-def _check_small_records(fd: int, records: dict[str, ZipRecord], prefix: str) -> None:
-    """The ``version``, ``serialization_id`` and ``byteorder`` records torch reads must hold what it accepts."""
-    version = records.get(f"{prefix}.data/version") or records.get(f"{prefix}version")
-    if version is None:
-        raise ZipError("the archive has no version record")
-    text = read_record(fd, version, limit=64).strip()
-    if not text.isdigit() or int(text) < 1:
-        raise ZipError(f"the version record holds {text[:20]!r}, not a format version")
-    serial = records.get(f"{prefix}.data/serialization_id")
-    if serial is not None:
-        try:
-            read_record(fd, serial, limit=1024).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ZipError("the serialization_id record is not UTF-8 text") from exc
-    byteorder = records.get(f"{prefix}byteorder")
-    if byteorder is not None and read_record(fd, byteorder, limit=64) not in (b"little", b"big"):
-        raise ZipError("the byteorder record is neither 'little' nor 'big'")
-
-
 def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
     records = read_directory(fd)
     if any(name.endswith("/constants.pkl") for name in records):
@@ -268,7 +249,7 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
     strays = [name for name in records if not name.startswith(prefix)]
     if strays:
         raise ZipError(f"the record {strays[0]!r} lies outside the archive folder {prefix!r}")
-    _check_small_records(fd, records, prefix)
+    check_small_records(fd, records, prefix)
     data = read_record(fd, record, limit=MAX_PICKLE)
     parsed = guard(parse(data))
     calls: list[Instance] = []

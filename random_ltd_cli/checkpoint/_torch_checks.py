@@ -11,8 +11,9 @@ from typing import Any
 
 from ._pickle import Global, Instance, Persistent, PickleError, describe
 from ._torch_names import walk
+from ._zip import ZipError, ZipRecord, read_record
 
-__all__ = ["ITEMSIZE", "check_tensors", "storages"]
+__all__ = ["ITEMSIZE", "check_small_records", "check_tensors", "storages"]
 
 ITEMSIZE = {
     "FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
@@ -108,3 +109,22 @@ def _check_extent(func: str, args: tuple[Any, ...], found: dict[str, tuple[str, 
 
 def _ints(value: Any) -> bool:
     return isinstance(value, tuple) and all(type(v) is int for v in value)
+
+
+def check_small_records(fd: int, records: dict[str, ZipRecord], prefix: str) -> None:
+    """The ``version``, ``serialization_id`` and ``byteorder`` records torch reads must hold what it accepts."""
+    version = records.get(f"{prefix}.data/version") or records.get(f"{prefix}version")
+    if version is None:
+        raise ZipError("the archive has no version record")
+    text = read_record(fd, version, limit=64).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ZipError(f"the version record holds {text[:20]!r}, not a format version")
+    serial = records.get(f"{prefix}.data/serialization_id")
+    if serial is not None:
+        try:
+            read_record(fd, serial, limit=1024).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ZipError("the serialization_id record is not UTF-8 text") from exc
+    byteorder = records.get(f"{prefix}byteorder")
+    if byteorder is not None and read_record(fd, byteorder, limit=64) not in (b"little", b"big"):
+        raise ZipError("the byteorder record is neither 'little' nor 'big'")
