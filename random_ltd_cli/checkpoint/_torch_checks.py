@@ -1,8 +1,9 @@
-"""What torch's loader checks in a parsed torch pickle, checked before anything is written.
+"""What torch's loader checks in a torch file besides its globals, checked before anything is written.
 
 torch.load refuses persistent ids that are not tensor storages, rebuild calls with the wrong
-number of arguments, and tensors whose sizes and strides reach past their storage. random-ltd
-refuses the same files, instead of copying them into equally unloadable outputs.
+number of arguments, tensors whose sizes and strides reach past their storage, and archives whose
+version, byteorder or serialization-id records it cannot read. random-ltd refuses the same files,
+instead of copying them into equally unloadable outputs.
 """
 
 from __future__ import annotations
