@@ -12,14 +12,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ..errors import CheckpointError
 from ._io import pread_exact
-from ._pickle import Global, Parsed, Persistent, PickleError, PickleLimitError, PickleTruncatedError, describe, parse
-from ._torch_names import walk
+from ._pickle import Instance, Parsed, PickleError, PickleLimitError, PickleTruncatedError, describe, parse
+from ._torch_checks import ITEMSIZE, check_tensors, storages
 
-__all__ = ["ITEMSIZE", "LEGACY_MAGIC", "MAX_PICKLE", "parse_at", "read_legacy", "storages"]
+__all__ = ["LEGACY_MAGIC", "MAX_PICKLE", "parse_at", "read_legacy"]
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -66,35 +65,11 @@ def read_legacy(path: Path, fd: int, size: int, guard: Callable[[Parsed], Parsed
     return parsed, data
 
 
-ITEMSIZE = {
-    "FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
-    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
-    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "QInt8Storage": 1, "QUInt8Storage": 1,
-    "QInt32Storage": 4, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1, "UntypedStorage": 1,
-}  # fmt: skip
-
-
-def storages(root: Any) -> dict[str, tuple[str, int]]:
-    """Storage key -> (storage class name, element count), from the persistent ids in the tree.
-
-    Raises:
-        PickleError: a storage of an unknown type, or a negative or contradictory element count.
-    """
-    found: dict[str, tuple[str, int]] = {}
-    for node in walk(root):
-        if isinstance(node, Persistent) and isinstance(node.pid, tuple) and len(node.pid) >= 5:
-            _, kind, key, _, numel = node.pid[:5]
-            if isinstance(kind, Global) and isinstance(key, str) and type(numel) is int:
-                if kind.name not in ITEMSIZE or numel < 0:
-                    raise PickleError(f"storage {describe(key)} has type {describe(kind.name)} and {numel} elements")
-                if found.setdefault(str(key), (kind.name, numel)) != (kind.name, numel):
-                    raise PickleError(f"storage {describe(key)} is described twice, differently")
-    return found
-
-
 def _check_storages(fd: int, parsed: Parsed, keys: Parsed, size: int) -> None:
     """Walk the raw storages after the pickles (element counts only) and check that they end at EOF."""
-    found = storages(parsed.root)
+    calls: list[Instance] = []
+    found = storages(parsed.root, calls)
+    check_tensors(calls, found)
     listed = keys.root
     if (
         not isinstance(listed, list)
