@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         ("compile_schedule.py", ["--smoke"], "compilations"),
         ("strip_throughput.py", ["--size-mib", "4", "--repeats", "1"], None),
         ("strip_dcp.py", ["--size-mib", "4", "--repeats", "1"], "ratio_vs_cp_r_sync"),
+        ("demo_threads.py", ["--smoke", "--threads", "1"], "rule_would_choose"),
     ],
 )
 def test_benchmark_smoke(tmp_path: Path, script: str, args: list[str], key: str | None) -> None:
