@@ -177,6 +177,7 @@ def test_demo_json(tmp_path: Path) -> None:
     assert data["arms"]["baseline"]["steps"] == 5
     assert data["load_back"] == {"ok": True, "strict": True, "identical_tensors": 53, "compared_tensors": 53}
     assert 0 < data["layer_token_saving"] < 0.5
+    assert data["threads"]["count"] >= 1 and data["threads"]["reason"]
 
 
 def test_demo_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

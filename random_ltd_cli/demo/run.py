@@ -135,6 +135,7 @@ class DemoResult:
                 "compared_tensors": self.proof.compared_tensors,
             },
             "total_seconds": self.total_seconds,
+            "threads": None if self.threads is None else {"count": self.threads.threads, "reason": self.threads.reason},
         }
 
     def to_dict(self) -> dict[str, Any]:
