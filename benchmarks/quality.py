@@ -10,7 +10,9 @@ number of steps, in three arms that share the model init and the batches:
 * ``random-LTD (LayerToken LR)``: the same dropping; the LR follows consumed layer-tokens
   (``LayerTokenLRScheduler``: warm-up and cosine over this arm's own layer-token total).
 
-Each seed trains the three arms interleaved step by step, so machine load hits all alike.
+Each seed trains the three arms interleaved step by step, so machine load hits all alike. The torch
+thread count is chosen as the demo chooses it (``random_ltd_cli.demo.threads``; ``--threads N`` overrides)
+and recorded in the JSON.
 Reports eval loss at full length at equal steps and at equal wall-clock, consumed
 layer-tokens, wall time, and the layer-tokens each arm needs to reach the baseline's final
 loss; plots eval loss against wall time and against layer-tokens; writes every number to JSON.
@@ -37,6 +39,7 @@ from _timing import machine, write_json
 
 from random_ltd_cli.demo.data import batch_offsets, eval_windows, load_corpus
 from random_ltd_cli.demo.plot import XAxis
+from random_ltd_cli.demo.threads import choose_threads
 from random_ltd_cli.demo.train import Arm, ArmResult, EvalPoint, TrainConfig, train_arms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps, output to a temp dir")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads (default: chosen as the demo chooses; see docs/demo.md)")
     p.add_argument("--json", dest="json_path", default=None, help="default benchmarks/results/local/quality.json")
     p.add_argument("--img-dir", default=None, help="where the PNGs go (default docs/img)")
     p.add_argument("--from-json", default=None, metavar="PATH",
@@ -247,6 +252,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload = json.loads(Path(a.from_json).read_text())
         payload.update(report(load_runs(payload), payload["seeds"], img_dir))
     else:
+        import torch
+
+        cfg = make_config(a, a.seeds[0])
+        threads = choose_threads(cfg.batch_size * cfg.seq_len * cfg.n_embd, a.threads)
+        torch.set_num_threads(threads.threads)
+        print(f"torch threads: {threads.threads} ({threads.reason})", file=sys.stderr, flush=True)
         started = time.perf_counter()
         results, about = train_all(a, started)
         payload = {
@@ -255,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "config": make_config(a, a.seeds[0]).to_dict(),
             "seeds": a.seeds,
             "corpus": about,
-            "machine": machine("cpu"),
+            "machine": {**machine("cpu"), "threads_reason": threads.reason},
             "smoke": a.smoke,
             "total_seconds": time.perf_counter() - started,
             "runs": {name: [r.to_dict() for r in runs] for name, runs in results.items()},

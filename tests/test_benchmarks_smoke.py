@@ -24,6 +24,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         ("strip_dcp.py", ["--size-mib", "4", "--repeats", "1"], "ratio_vs_cp_r_sync"),
         ("verify_cost.py", ["--smoke"], "ratio_steady_state"),
         ("hostile_memory.py", ["--smoke"], "all_as_expected"),
+        ("demo_threads.py", ["--smoke", "--threads", "1"], "rule_would_choose"),
     ],
 )
 def test_benchmark_smoke(tmp_path: Path, script: str, args: list[str], key: str | None) -> None:

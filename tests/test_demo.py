@@ -177,6 +177,7 @@ def test_demo_json(tmp_path: Path) -> None:
     assert data["arms"]["baseline"]["steps"] == 5
     assert data["load_back"] == {"ok": True, "strict": True, "identical_tensors": 53, "compared_tensors": 53}
     assert 0 < data["layer_token_saving"] < 0.5
+    assert data["threads"]["count"] >= 1 and data["threads"]["reason"]
 
 
 def test_demo_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,3 +266,70 @@ def test_demo_progress_lines_without_a_terminal(demo_run: tuple[Any, Path]) -> N
         f"baseline: step {s}/20" for s in range(2, 21, 2)
     ]
     assert re.fullmatch(r"random-LTD: step 20/20, loss \d+\.\d{3}, \d+s elapsed", lines[-1])
+
+
+# -- issue 19: the torch thread count is chosen, printed and recorded ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("work", "requested", "env", "cpus", "load", "default", "expected", "reason"),
+    [
+        (262_144, 3, {"OMP_NUM_THREADS": "2"}, 2, 9.0, 2, 3, "--threads"),  # the option wins over everything
+        (262_144, None, {"OMP_NUM_THREADS": "2"}, 2, 9.0, 2, 2, "OMP_NUM_THREADS=2 in the environment"),
+        (4_096, None, {}, 2, 0.0, 2, 1, "a small model gains nothing"),  # --tiny: one thread even when idle
+        (262_144, None, {"OMP_NUM_THREADS": "0"}, 2, 0.1, 2, 2, "2 CPUs available, load average 0.1: 2 free"),
+        (262_144, None, {}, 2, 0.7, 2, 1, "load average 0.7: 1 free"),  # one other busy process
+        (262_144, None, {}, 2, 9.0, 2, 1, "load average 9.0: 1 free"),  # a busy machine: never below one
+        (262_144, None, {}, 8, 2.2, 8, 6, "8 CPUs available, load average 2.2: 6 free"),
+        (262_144, None, {}, 64, 0.0, 32, 32, ": 32 free"),  # never more than torch's own default
+    ],
+)
+def test_thread_choice_rule(
+    work: int, requested: int | None, env: dict[str, str], cpus: int, load: float, default: int, expected: int,
+    reason: str,
+) -> None:
+    from random_ltd_cli.demo.threads import choose_threads
+
+    choice = choose_threads(work, requested, cpus=cpus, load=load, torch_default=default, env=env)
+    assert choice.threads == expected and reason in choice.reason
+
+
+def test_thread_choice_without_a_load_average(monkeypatch: pytest.MonkeyPatch) -> None:
+    from random_ltd_cli.demo import threads
+
+    monkeypatch.setattr(threads, "load_average", lambda: None)  # e.g. Windows
+    choice = threads.choose_threads(262_144, cpus=2, torch_default=2, env={})
+    assert choice.threads == 2 and "load average unknown" in choice.reason
+
+
+def test_demo_sizes_fall_on_either_side_of_the_small_model_bound() -> None:
+    from random_ltd_cli.demo.threads import SMALL_WORK
+
+    tiny, default = DemoConfig.tiny().train, DemoConfig.default().train
+    assert tiny.batch_size * tiny.seq_len * tiny.n_embd < SMALL_WORK
+    assert default.batch_size * default.seq_len * default.n_embd >= SMALL_WORK
+
+
+def test_demo_threads_option_is_printed_recorded_and_restored(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    target = 2 if before == 1 else 1
+    args = ["demo", "--tiny", "--steps", "2", "--threads", str(target), "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"torch threads: {target} (--threads)." in result.stderr
+    saved = json.loads((tmp_path / FILES["results"]).read_text())
+    assert saved["machine"]["torch_threads"] == target and saved["machine"]["threads_reason"] == "--threads"
+    assert torch.get_num_threads() == before  # run_demo puts torch's setting back
+
+
+def test_demo_header_says_why_and_how_to_override(demo_run: tuple[Any, Path]) -> None:
+    result, out = demo_run
+    line = next(ln for ln in result.stderr.splitlines() if ln.startswith("torch threads: "))
+    assert line.endswith("; --threads N to override).")
+    saved = json.loads((out / FILES["results"]).read_text())
+    assert line.startswith(f"torch threads: {saved['machine']['torch_threads']} ({saved['machine']['threads_reason']}")
+
+
+def test_demo_rejects_zero_threads(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--tiny", "--threads", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--threads" in result.stderr

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ._app import DryRunOption, ForceOption, JsonOption, app, note, sigterm_as_interrupt, user_errors
-from ._render import layers_table, print_json, stdout_console
+from ._render import layers_table, print_json, print_table, stdout_console
 
 InitOption = Annotated[
     str | None,
@@ -131,9 +131,13 @@ def convert(
     if as_json:
         print_json(_json(result))
     else:
-        console = stdout_console()
-        console.print(layers_table(result, title=f"{result.model_class}: {len(result.wrapped_layers)} of "
-                                                 f"{len(result.layers)} {result.layer_class} layers wrapped"))
+        title = f"{result.model_class}: {len(result.wrapped_layers)} of {len(result.layers)} {result.layer_class} " \
+                "layers wrapped"
+        print_table(stdout_console(), layers_table(result), title)
+    if weights is None and output is not None and not Path(target).is_dir():
+        verb = "would save" if dry_run else "saving"
+        note(f"no --weights: {verb} the model's initial weights (as {target} builds them); pass --weights CKPT "
+             "to convert trained weights.")
     if dry_run:
         note("dry run: nothing written.")
     elif result.output:

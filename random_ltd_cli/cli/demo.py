@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ._app import JsonOption, app, fail, note, sigterm_as_interrupt, user_errors
+from ._render import print_table, stdout_console
 
 if TYPE_CHECKING:
     from ..demo.run import DemoResult
@@ -38,6 +39,11 @@ def demo(
         bool,
         typer.Option("--tiny", help="A seconds-long run on a tiny model and 400 kB of text (a smoke test)."),
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, metavar="N",
+                     help="Torch threads (default: 1 for --tiny or on a busy machine, else the free CPUs)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train a small GPT twice on the Python stdlib's source, without and with random-LTD, and compare.
@@ -45,21 +51,26 @@ def demo(
     Both runs see identical batches in identical order. Prints final eval loss, consumed layer-tokens
     and wall time; writes a loss-vs-layer-tokens plot; saves the random-LTD checkpoint, inspects it,
     strips it and checks that the stripped weights load strictly into an unconverted model.
-    Defaults take about 3 minutes on a quiet 2-core x86 VM (2 vCPUs, no GPU); --tiny takes seconds.
+    Defaults take 1 to 3 minutes on 2 CPU cores (the header says how many torch threads it chose
+    and why: one on a busy machine, where more threads only wait for each other); --tiny takes seconds.
     The files appear in --out only when everything has finished: Ctrl-C leaves nothing behind (exit 130).
     """
     from ..demo.run import DemoConfig, run_demo
+    from ..demo.threads import choose_threads
 
     with user_errors(as_json, interrupted=f"nothing was written to {out} (outputs are moved there only at the end)"):
         config = DemoConfig.tiny(steps, seed) if tiny else DemoConfig.default(steps, seed)
         cfg = config.train
+        choice = choose_threads(cfg.batch_size * cfg.seq_len * cfg.n_embd, threads)
         note(
             f"demo: GPT with {cfg.n_layer} blocks, hidden {cfg.n_embd}, S={cfg.seq_len}, batch {cfg.batch_size}, "
             f"{cfg.steps} steps per arm; random-LTD on the middle blocks, r from {cfg.min_value} to {cfg.seq_len} "
-            f"over {cfg.require_steps} steps; {os.cpu_count()} CPU cores, torch threads: {torch_threads()}."
+            f"over {cfg.require_steps} steps; {os.cpu_count()} CPU cores."
         )
+        override = "" if threads is not None else "; --threads N to override"
+        note(f"torch threads: {choice.threads} ({choice.reason}{override}).")
         with sigterm_as_interrupt(), _Progress(cfg.steps) as progress:
-            result = run_demo(config, out, on_step=progress.update, on_note=note)
+            result = run_demo(config, out, on_step=progress.update, on_note=note, threads=choice)
     if as_json:
         sys.stdout.write(json.dumps(result.summary(), indent=2) + "\n")
     else:
@@ -114,12 +125,6 @@ class _Progress:
         self.progress.update(self.tasks[arm], completed=step, loss=f"{loss:.3f}")
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def _count(n: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
@@ -128,11 +133,9 @@ def _count(n: float) -> str:
 
 
 def _render(result: DemoResult) -> None:
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    console = stdout_console(soft_wrap=True)
     base = result.baseline
     table = Table(
-        title="random-LTD demo: eval loss at full length after the last step",
-        title_justify="left",
         caption="time: training wall time, evaluation excluded; layer-tokens count all blocks",
         caption_justify="left",
     )
@@ -149,7 +152,7 @@ def _render(result: DemoResult) -> None:
             f"{arm.train_seconds:.1f}s",
             "-" if is_base else f"{result.wall_time_saving:.1%}",
         )
-    console.print(table)
+    print_table(console, table, "random-LTD demo: eval loss at full length after the last step")
     proof = result.proof
     console.print(f"checkpoint: {escape(str(proof.checkpoint))} ({proof.tensor_count} tensors, "
                   f"{len(proof.wrapped_layers)} wrapped layers)")  # fmt: skip

@@ -10,9 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ._app import JsonOption, app, fail, user_errors
+from ._app import JsonOption, app, fail, note, user_errors
 from ._plain import json_ready, text
-from ._render import human_count, layers_table, print_json, stdout_console
+from ._render import human_count, layers_table, print_json, print_table, stdout_console
 from .convert import (
     BatchSizeOption,
     DsConfigOption,
@@ -94,21 +94,34 @@ def _show_checkpoint(path: Path, as_json: bool, trust_pickle: bool, here: bool =
         if here:
             fail(f"no checkpoints found in {str(path)!r}: pass a checkpoint file or folder, or a model import path.")
         raise
+    if info.entries and all(e.format == "unreadable" for e in info.entries):
+        _nothing_readable(info)
     data = _checkpoint_json(info)
     if as_json:
         print_json(data)
         return
     console = stdout_console()
     if info.entries:
-        console.print(_run_table(info))
+        count = f"{len(info.entries)} checkpoint{'s' if len(info.entries) != 1 else ''}"
+        print_table(console, _run_table(info), text(f"{info.path} ({_kind(info)}): {count}"))
         for e in info.entries:
             if e.format == "unreadable":
                 console.print(escape(text(f"{e.path.name}: {e.metadata['error']}")), soft_wrap=True)
     else:
-        console.print(_info_table(info, data))
+        print_table(console, _info_table(info, data), f"{data['path']} ({_kind(info)})")
     if data["side_files"]:
         other = ", ".join(f"{name} ({role})" for name, role in data["side_files"].items())
         console.print(escape(f"other files (copied unchanged by strip): {other}"), soft_wrap=True)
+
+
+def _nothing_readable(info: Any) -> None:
+    """Every candidate in a folder failed to read: each reason on stderr, then one ``Error:`` line, exit 1."""
+    for e in info.entries:
+        note(f"{e.path.name}: {e.metadata['error']}")
+    n = len(info.entries)
+    fail(f"nothing readable in {str(info.path)!r}: {'the' if n == 1 else 'all'} {n} candidate "
+         f"file{'s' if n != 1 else ''} failed to read (reasons above). Pass a checkpoint file or folder "
+         "that random-ltd can read.")
 
 
 def _kind(info: Any, short: bool = False) -> str:
@@ -118,7 +131,7 @@ def _kind(info: Any, short: bool = False) -> str:
 
 
 def _info_table(info: Any, data: dict[str, Any]) -> Table:
-    table = Table(title=escape(f"{data['path']} ({_kind(info)})"), title_justify="left", show_header=False)
+    table = Table(show_header=False)
     table.add_column("field")
     table.add_column("value")
     table.add_row("tensors", str(info.tensor_count))
@@ -157,8 +170,7 @@ def _pickle_lines(pickles: dict[str, Any]) -> str:
 
 
 def _run_table(info: Any) -> Table:
-    count = f"{len(info.entries)} checkpoint{'s' if len(info.entries) != 1 else ''}"
-    table = Table(title=escape(text(f"{info.path} ({_kind(info)}): {count}")), title_justify="left")
+    table = Table()
     for col in ("checkpoint", "format or kind", "tensors", "parameters", "wrapped layers", "pickles"):
         table.add_column(col, no_wrap=col in ("checkpoint", "format or kind"))
     for e in info.entries:
@@ -190,9 +202,9 @@ def _show_model(target: str, as_json: bool, **options: Any) -> None:
         print_json(json.loads(json.dumps(report.to_json(), default=str)))
         return
     console = stdout_console()
-    console.print(layers_table(report, title=f"{report.model_class} ({human_count(report.parameter_count)} "
-                                             f"parameters): {len(report.layers)} {report.layer_class} layers, "
-                                             f"{len(report.wrapped_layers)} would be wrapped"))
+    print_table(console, layers_table(report), f"{report.model_class} ({human_count(report.parameter_count)} "
+                                               f"parameters): {len(report.layers)} {report.layer_class} layers, "
+                                               f"{len(report.wrapped_layers)} would be wrapped")
     est = report.estimate
     if est is None:
         console.print("No compute estimate: the sequence length is unknown; pass --seq-len S.")

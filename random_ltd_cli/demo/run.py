@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import ConfigError
 from .data import batch_offsets, eval_windows, load_corpus
 from .proof import CheckpointProof, save_and_prove
+from .threads import ThreadChoice
 from .train import Arm, ArmResult, StepCallback, TrainConfig, train_arms
 
 __all__ = ["ARMS", "DEFAULT_STEPS", "FILES", "DemoConfig", "DemoResult", "machine", "prepare_out_dir", "run_demo"]
@@ -89,6 +90,7 @@ class DemoResult:
     plot: Path | None
     plot_skipped: str | None
     total_seconds: float
+    threads: ThreadChoice | None = None
 
     @property
     def layer_token_saving(self) -> float:
@@ -133,6 +135,7 @@ class DemoResult:
                 "compared_tensors": self.proof.compared_tensors,
             },
             "total_seconds": self.total_seconds,
+            "threads": None if self.threads is None else {"count": self.threads.threads, "reason": self.threads.reason},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +146,7 @@ class DemoResult:
             "corpus": self.corpus,
             "history": {arm.name: arm.to_dict() for arm in (self.baseline, self.random_ltd)},
             "proof": self.proof.to_dict(),
-            "machine": machine(),
+            "machine": {**machine(), "threads_reason": None if self.threads is None else self.threads.reason},
         }
 
 
@@ -191,6 +194,7 @@ def run_demo(
     *,
     on_step: StepCallback | None = None,
     on_note: NoteCallback | None = None,
+    threads: ThreadChoice | None = None,
 ) -> DemoResult:
     """Train both arms on identical batches, plot, save, inspect, strip and reload; write ``results.json``.
 
@@ -201,6 +205,8 @@ def run_demo(
             Ctrl-C leaves ``out_dir`` as it was (and removes it if this call created it).
         on_step: ``(arm name, step, train loss)`` after each step of each arm.
         on_note: receives lines for people (e.g. why the plot was skipped).
+        threads: torch's thread count for this call (e.g. ``choose_threads(...)`` from
+            :mod:`random_ltd_cli.demo.threads`), restored afterwards; ``None``: leave torch as it is.
 
     Raises:
         ConfigError: an unusable setting or output folder (checked before training).
@@ -211,9 +217,11 @@ def run_demo(
     out = prepare_out_dir(out_dir)
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".random-ltd-demo-", suffix=".tmp"))
     try:
-        result = _run(config, out, stage, on_step, on_note)
-        result.total_seconds = time.perf_counter() - started
-        _publish(stage, out, result)
+        with _torch_threads(threads):
+            result = _run(config, out, stage, on_step, on_note)
+            result.threads = threads
+            result.total_seconds = time.perf_counter() - started
+            _publish(stage, out, result)
     except BaseException:  # an error or Ctrl-C: leave nothing behind, not even a folder we made
         shutil.rmtree(stage, ignore_errors=True)
         if created:
@@ -222,6 +230,20 @@ def run_demo(
         raise
     shutil.rmtree(stage, ignore_errors=True)
     return result
+
+
+@contextlib.contextmanager
+def _torch_threads(choice: ThreadChoice | None) -> Iterator[None]:
+    """Run the block on ``choice.threads`` torch threads, then restore the count it had."""
+    import torch
+
+    before = torch.get_num_threads()
+    if choice is not None:
+        torch.set_num_threads(choice.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _publish(stage: Path, out: Path, result: DemoResult) -> None:
