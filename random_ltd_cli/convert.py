@@ -19,6 +19,7 @@ from .deepspeed_config import ConfigSource, RandomLTDConfig, read_deepspeed_conf
 from .errors import ConfigError, ConversionError
 from .keys import SEGMENT, rename_keys, strip_key
 from .layer import RandomLayerTokenDrop, ReservedLength
+from .mixers import layout_refusal, mixer_refusal
 from .schedule import RandomLTDScheduler
 from .stacks import STACKS, SharedCall, candidates_text, find_layer_stack, find_layer_stacks, kind, shared_calls
 
@@ -68,7 +69,7 @@ def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
     """
     if isinstance(spec, str):
         text = spec.strip().lower()
-        if text in ("middle", "all"):
+        if text in ("middle", "all", "attention"):
             return text
         out: list[int] = []
         for part in text.split(","):
@@ -106,9 +107,12 @@ def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
 def select_layers(candidates: Sequence[tuple[str, nn.Module]], layers: LayerSpec) -> list[int]:
     """Indices into ``candidates`` chosen by ``layers`` (see :func:`parse_layer_spec`).
 
-    ``"middle"`` is every layer but the first and the last, as the paper recommends.
+    ``"middle"`` is every layer but the first and the last, as the paper recommends; ``"attention"``
+    selects the same positions (:func:`convert_to_random_ltd` then keeps only the attention layers).
     """
     spec = parse_layer_spec(layers)
+    if spec == "attention":
+        spec = "middle"
     n = len(candidates)
     if spec == "all":
         return list(range(n))
@@ -214,7 +218,13 @@ def convert_to_random_ltd(
         layers, mask_names, batch_first, scheduler = _apply_deepspeed(
             cfg, len(candidates), layers, mask_names, batch_first, scheduler
         )
-    refused = {i: reason for i, (_, layer) in enumerate(candidates) if (reason := refusal(layer)) is not None}
+    refused: dict[int, str] = {}
+    mixers: dict[int, str] = {}  # refused because their token mixing is not attention (hybrid stacks)
+    for i, (_, layer) in enumerate(candidates):
+        if (reason := refusal(layer) or layout_refusal(layer)) is not None:
+            refused[i] = reason
+        elif (reason := mixer_refusal(layer)) is not None:
+            refused[i] = mixers[i] = reason
     if refused and len(refused) == len(candidates):
         _, first = candidates[0]
         raise ConversionError(
@@ -222,7 +232,14 @@ def convert_to_random_ltd(
             f"The model is unchanged; train {type(root).__name__} without random-LTD."
         )
     chosen = _select(groups, layers)
-    _check_refused(candidates, chosen, refused)
+    if parse_layer_spec(layers) == "attention":
+        chosen = [i for i in chosen if i not in mixers]
+        if not chosen:
+            raise ConversionError(
+                f"layers='attention' selects nothing in {type(root).__name__}: none of the middle layers of its "
+                "stack mixes tokens with attention. The model is unchanged."
+            )
+    _check_refused(candidates, chosen, refused, mixers)
     plans: dict[str, tuple[nn.Module, list[int], SharedCall | None]] = {}
     for i in chosen:  # a shared layer (ALBERT) is wrapped once, dropping in its chosen calls
         label, layer = candidates[i]
@@ -245,6 +262,7 @@ def convert_to_random_ltd(
         wrappers.append((name, wrapper, call))
     for name, wrapper, _ in wrappers:  # every check passed: now mutate
         _set_submodule(root, name, wrapper)
+    _warn_mixed(candidates, chosen)
     _count_shared_calls(root, [(w, c) for _, w, c in wrappers if c is not None])
     return model
 
@@ -367,7 +385,7 @@ def _candidate_groups(
 
 def _select(groups: list[list[tuple[str, nn.Module]]], layers: LayerSpec) -> list[int]:
     """Indices among the concatenated groups; ``"middle"`` is the middle of each group."""
-    if len(groups) == 1 or parse_layer_spec(layers) != "middle":
+    if len(groups) == 1 or parse_layer_spec(layers) not in ("middle", "attention"):
         return select_layers([c for g in groups for c in g], layers)
     chosen: list[int] = []
     offset = 0
@@ -377,7 +395,8 @@ def _select(groups: list[list[tuple[str, nn.Module]]], layers: LayerSpec) -> lis
     return chosen
 
 
-def _check_refused(candidates: list[tuple[str, nn.Module]], chosen: list[int], refused: dict[int, str]) -> None:
+def _check_refused(candidates: list[tuple[str, nn.Module]], chosen: list[int], refused: dict[int, str],
+                   mixers: dict[int, str]) -> None:
     bad = [i for i in chosen if i in refused]
     if not bad:
         return
@@ -385,9 +404,30 @@ def _check_refused(candidates: list[tuple[str, nn.Module]], chosen: list[int], r
     fine = [i for i in chosen if i not in refused]
     remedy = (f"wrap only the compatible ones, e.g. layers={fine}" if fine
               else "choose other layers with layers= or filter_fn=")
+    if fine and all(i in mixers for i in bad):
+        kept = ", ".join(sorted({type(candidates[i][1]).__name__ for i in fine}))
+        remedy = (f"this stack mixes attention layers with other token mixers: layers='attention' wraps only its "
+                  f"middle attention layers (indices {fine}, {kept})")
     raise ConversionError(
         f"random-LTD cannot drop tokens exactly in layers {names} of {type(candidates[bad[0]][1]).__name__}: "
         f"{refused[bad[0]]}. The model is unchanged; {remedy}."
+    )
+
+
+def _warn_mixed(candidates: list[tuple[str, nn.Module]], chosen: list[int]) -> None:
+    """A stack of several layer classes: say which classes were wrapped and which were not."""
+    classes = collections.Counter(type(m).__name__ for _, m in candidates)
+    if len(classes) < 2:
+        return
+    wrapped = collections.Counter(type(candidates[i][1]).__name__ for i in chosen)
+    left = {c: n - wrapped.get(c, 0) for c, n in classes.items() if n - wrapped.get(c, 0)}
+    import warnings
+
+    warnings.warn(
+        "the layer stack holds several layer classes; wrapped: "
+        + ", ".join(f"{c} x{n}" for c, n in sorted(wrapped.items()))
+        + "; not wrapped: " + (", ".join(f"{c} x{n}" for c, n in sorted(left.items())) or "none"),
+        stacklevel=3,
     )
 
 

@@ -30,10 +30,37 @@ def _stacks(model: nn.Module) -> list[tuple[tuple[int, int, int], str, type[nn.M
         cls, count = counts.most_common(1)[0]
         if count < 2 or cls in (nn.ModuleList, nn.Sequential):
             continue
-        members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls]
+        mixed = isinstance(module, nn.ModuleList) and all(_same_kind(type(c), cls) for _, c in children)
+        members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls or mixed]
         params = sum(p.numel() for _, c in members for p in c.parameters())
         found.append(((int(isinstance(module, nn.ModuleList)), count, params), name, cls, members))
     return found
+
+
+def _same_kind(a: type[nn.Module], b: type[nn.Module]) -> bool:
+    """Two layer classes of one mixed stack (``JambaAttentionDecoderLayer``, ``JambaMambaDecoderLayer``)."""
+    if a is b:
+        return True
+    suffix = next((w for w in ("Layer", "Block") if b.__name__.endswith(w)), None)
+    return suffix is not None and a.__name__.endswith(suffix) and a.__module__ == b.__module__
+
+
+def _parallel_lists(found: list[tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]],
+                    chosen: tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]) -> None:
+    """Refuse a stack that is one of several parallel lists of layer parts (XLM: ``attentions``, ``ffns``...)."""
+    parent = chosen[1].rpartition(".")[0]
+    siblings = [f for f in found if f[1] != chosen[1] and f[1].rpartition(".")[0] == parent
+                and len(f[3]) == len(chosen[3]) and f[2] is not chosen[2] and isinstance(
+                    dict(f[3])[f[3][0][0]], nn.Module)]
+    if not siblings:
+        return
+    names = ", ".join(f"{f[1]} ({f[2].__name__})" for f in [chosen, *siblings])
+    raise ConversionError(
+        f"no module of this model is a whole transformer layer: it keeps the parts of its layers in parallel lists "
+        f"({names}) and adds their residuals and norms in the model's own loop, so no module can be wrapped for "
+        "the dropped tokens to pass through a layer unchanged (wrapping one list would change them). Train it "
+        "without random-LTD, or restructure it into one module per layer."
+    )
 
 
 def kind(name: str) -> str | None:
@@ -85,6 +112,8 @@ def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]
                 "stack= chooses between the encoder and the decoder of an encoder-decoder model."
             )
         chosen = [f for k in wanted if (f := by_kind[k]) is not None]
+    for f in chosen:
+        _parallel_lists(found, f)
     return [(f[1], f[2], f[3]) for f in chosen]
 
 
