@@ -14,8 +14,9 @@ are refused at conversion. The rule is structural and costs one walk over the la
 * a recurrence: ``nn.RNNBase`` (LSTM/GRU), or a module holding the parameters of a state-space or
   recurrent scan (``A_log``, ``dt_bias``, ``time_decay``, ``time_first``, ``recurrent_param``...);
 * linear attention with a decay over the token order (``slope_rate``, MiniMax lightning attention);
-* a Fourier transform (a module whose ``forward`` or ``__init__`` uses ``torch.fft``);
-* hashing attention (LSH buckets: ``num_hash``/``hash_code_len``, ``num_hashes``).
+* a Fourier transform (a module class whose source uses ``torch.fft``);
+* hashing attention (LSH buckets: ``num_hash``/``hash_code_len``, ``num_hashes``) or block-approximated
+  attention (MRA's ``num_block``/``approx_mode``).
 
 Layers the rule cannot see are the run-time verifier's to catch. :func:`mixer_refusal` gives the
 reason (naming the module), or ``None``.
@@ -77,6 +78,9 @@ def _module_reason(module: nn.Module) -> str | None:
         return "linear attention with a decay over the token order (slope_rate): a recurrence in disguise"
     if any(all(hasattr(module, a) for a in attrs) for attrs in HASH_ATTRIBUTES):
         return "hashing (LSH) attention that buckets the tokens it sees"
+    if hasattr(module, "num_block") and hasattr(module, "approx_mode"):
+        return ("multi-resolution block-approximated attention (MRA): it averages fixed blocks of the tokens it "
+                "sees, which a subset of the tokens does not have")
     if _calls_fft(type(module)):  # type: ignore[arg-type]
         return "a Fourier transform over the token axis: every output mixes every position by its index"
     return None
@@ -84,17 +88,13 @@ def _module_reason(module: nn.Module) -> str | None:
 
 @functools.cache
 def _calls_fft(cls: type) -> bool:
-    """The class's own ``forward`` or ``__init__`` (outside torch) uses a Fourier transform."""
+    """The class's own source (outside torch) uses a Fourier transform."""
     if cls.__module__.startswith("torch."):
         return False
-    for method in ("forward", "__init__"):
-        try:
-            source = inspect.getsource(getattr(cls, method))
-        except (OSError, TypeError):
-            continue
-        if _FFT.search(source):
-            return True
-    return False
+    try:
+        return bool(_FFT.search(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return False
 
 
 #: forward parameters that carry per-token state of a kind random-LTD cannot gather exactly
@@ -104,6 +104,7 @@ SEQUENCE_STATE_ARGS = {
     "prev_topk_indices": "token indices chosen by the previous layer's sparse attention",
     "block_states": "states of a recurrent block carried between layers",
     "conv_mask": "the mask of a convolution over tokens",
+    "output_g": "the query stream of two-stream attention (XLNet), laid out sequence-first",
     "key": "a separate key sequence (the layer pools or attends over another length)",
     "value": "a separate value sequence (the layer pools or attends over another length)",
 }

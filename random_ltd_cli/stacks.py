@@ -37,6 +37,11 @@ def _stacks(model: nn.Module) -> list[tuple[tuple[int, int, int], str, type[nn.M
     return found
 
 
+def _side_tower(name: str) -> bool:
+    """A stack under a vision/audio tower of a multimodal model (``git.image_encoder.vision_model...``)."""
+    return any(w in s for s in name.lower().split(".") for w in ("vision", "image", "visual", "audio"))
+
+
 def _same_kind(a: type[nn.Module], b: type[nn.Module]) -> bool:
     """Two layer classes of one mixed stack (``JambaAttentionDecoderLayer``, ``JambaMambaDecoderLayer``)."""
     if a is b:
@@ -101,7 +106,8 @@ def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]
                for k in ("encoder", "decoder")}
     enc, dec = by_kind["encoder"], by_kind["decoder"]
     if stack is None:
-        chosen = [enc] if enc is not None and dec is not None else [max(found, key=lambda f: f[0])]
+        text = [f for f in found if not _side_tower(f[1])] or found  # a multimodal LM: its text stack
+        chosen = [enc] if enc is not None and dec is not None else [max(text, key=lambda f: f[0])]
     else:
         wanted = ["encoder", "decoder"] if stack == "both" else [stack]
         missing = [k for k in wanted if by_kind[k] is None]

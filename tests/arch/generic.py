@@ -25,19 +25,20 @@ MAPPINGS = (  # (auto mapping, zoo kind): a model type is swept once, in the fir
 HIDDEN, LAYERS, HEADS, VOCAB, WINDOW, EXPERTS = 32, 4, 4, 99, 4, 4
 _SIZES: list[tuple[int, tuple[str, ...]]] = [  # (value, attribute names)
     (HIDDEN, ("hidden_size", "d_model", "n_embd", "dim", "embed_dim", "word_embed_proj_dim", "embedding_size",
-             "d_embed", "n_embed", "projection_dim", "emb_dim", "attention_hidden_size", "lru_width", "embedding_dim",
-             "projection_size", "d_latents", "input_embedding_size", "output_embedding_size", "mamba_d_ssm")),
+         "d_embed", "n_embed", "projection_dim", "emb_dim", "attention_hidden_size", "lru_width", "embedding_dim",
+         "projection_size", "d_latents", "input_embedding_size", "output_embedding_size", "mamba_d_ssm")),
     (LAYERS, ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
-             "num_decoder_layers", "num_encoder_layers", "num_hidden_layers_per_block")),
-    (HEADS, ("mamba_n_heads", "num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
-            "decoder_attention_heads", "attention_heads", "num_attention_heads_per_layer")),
-    (2, ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "num_experts_per_tok",
-        "moe_k", "top_k", "moe_topk", "num_experts_per_token")),
-    (8, ("head_dim", "d_kv", "attention_head_dim", "kv_channels", "v_head_dim", "qk_head_dim",
-        "linear_key_head_dim", "linear_value_head_dim", "mamba_headdim", "query_pre_attn_scalar",
-         "hidden_size_per_layer_input")),
-    (4, ("qk_rope_head_dim", "qk_nope_head_dim", "rotary_dim", "state_size", "ssm_state_size", "mamba_d_state",
-        "conv_kernel", "mamba_d_conv", "linear_conv_kernel_dim", "num_buckets", "relative_attention_num_buckets")),
+         "num_decoder_layers", "num_encoder_layers", "num_hidden_layers_per_block", "num_blocks")),
+    (HEADS, ("mamba_n_heads", "n_mamba_heads", "linear_num_heads", "num_attention_heads", "n_head", "n_heads",
+         "num_heads", "encoder_attention_heads", "decoder_attention_heads", "attention_heads",
+         "num_attention_heads_per_layer")),
+    (2, ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "num_experts_per_tok", "moe_k",
+         "top_k", "moe_topk", "num_experts_per_token")),
+    (8, ("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "d_kv", "attention_head_dim", "kv_channels",
+         "v_head_dim", "qk_head_dim", "linear_key_head_dim", "linear_value_head_dim", "mamba_headdim", "mamba_d_head",
+         "linear_head_dim", "query_pre_attn_scalar", "hidden_size_per_layer_input")),
+    (4, ("rotary_dim", "state_size", "ssm_state_size", "mamba_d_state", "conv_kernel", "mamba_d_conv",
+         "linear_conv_kernel_dim", "num_buckets", "relative_attention_num_buckets")),
     (16, ("q_lora_rank", "kv_lora_rank", "time_step_rank", "mamba_dt_rank", "o_lora_rank")),
     (64, ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff", "n_inner", "hidden_dim",
          "ffn_hidden_size", "intermediate_dim", "dff", "d_inner", "dim_ff", "feed_forward_size",
@@ -45,20 +46,30 @@ _SIZES: list[tuple[int, tuple[str, ...]]] = [  # (value, attribute names)
     (32, ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size",
          "moe_ffn_hidden_size", "mlp_dim", "shared_intermediate_size", "moe_shared_expert_intermediate_size",
          "expert_ffn_hidden_size")),
-    (128, ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length",
-          "seq_length", "max_length", "max_source_positions", "max_target_positions")),
+    (128, ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length", "seq_length",
+         "max_length", "max_source_positions", "max_target_positions")),
     (WINDOW, ("sliding_window", "window_size", "local_window_size", "attention_window_size", "local_attention",
-           "sliding_window_size", "attention_chunk_size", "keep_window_size", "mamba_chunk_size", "chunk_size",
-           "block_size", "index_topk", "local_attention_window_len")),
+         "sliding_window_size", "attention_chunk_size", "keep_window_size", "mamba_chunk_size", "chunk_size",
+         "block_size", "index_topk", "local_attention_window_len")),
     (EXPERTS, ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")),
-    (1, ("expand", "mamba_expand", "n_shared_experts", "num_shared_experts", "n_group", "topk_group",
-         "first_k_dense_replace")),
+    (1, ("expand", "mamba_expand", "n_groups", "mamba_n_groups", "num_expert_group", "n_shared_experts",
+         "num_shared_experts", "n_group", "topk_group", "first_k_dense_replace")),
 ]
 SIZES = {name: value for value, names in _SIZES for name in names}
 VISION_SIZES = {"image_size": 16, "patch_size": 4}
 
 # Small per-family settings where generic shrinking cannot work (merged over the generic ones).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+HYBRID = ["linear_attention", "full_attention", "linear_attention", "full_attention"]  # layers 1, 3: attention
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # hybrids: the generic 4 layers would hold no attention layer at all
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1, 3]},
+    "granitemoehybrid": {"layer_types": HYBRID},
+    "bailing_hybrid": {"layer_types": HYBRID},
+    "kimi_linear": {"layer_types": HYBRID},
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention", "hybrid"],
+               "hybrid_layer_ids": [1, 3]},
+}
 
 
 def mapped_types() -> dict[str, tuple[str, str]]:
@@ -77,6 +88,8 @@ def mapped_types() -> dict[str, tuple[str, str]]:
 def _shrink_value(key: str, value: Any, vision: bool) -> Any:
     if isinstance(value, bool) or value is None:
         return value
+    if "jitter" in key and isinstance(value, float):
+        return 0.0  # router noise in training mode: the reference would draw other noise than the wrapper
     if key in SIZES and isinstance(value, int):
         return SIZES[key]
     if vision and key in VISION_SIZES and isinstance(value, int):
@@ -90,6 +103,8 @@ def _shrink_value(key: str, value: Any, vision: bool) -> Any:
             return [16 * (i + 1) for i in range(len(value))]
         if key in ("num_heads", "num_attention_heads", "heads"):
             return [2] * len(value)
+        if key == "sr_ratios":
+            return [1] * len(value)
         if key in ("embed_dim",):
             return [16 * (i + 1) for i in range(len(value))]
         if key in SIZES:
@@ -139,6 +154,11 @@ def families() -> list[Family]:
         config = CONFIG_MAPPING_NAMES.get(model_type, "")
         out.append(Family(model_type, config, model, kind, {}, group="Generated", notes=""))
     return out
+
+
+def generated() -> list[Family]:
+    """The families built from a generic config (every mapped model type the hand-tuned zoo does not cover)."""
+    return [f for f in families() if f.group == "Generated"]
 
 
 def model_type_of(fam: Family) -> str:

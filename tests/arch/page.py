@@ -11,7 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .generic import MAPPINGS, generated
 from .reference import ATOL, RTOL, result
+from .sweep import status as sweep_status
 from .zoo import FAMILIES, VARIANTS, Family, attn_kinds
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
@@ -46,6 +48,12 @@ samples and again without a padding mask.
 - **refused**: `convert_to_random_ltd` raises the library's `ConversionError` (or `InputError`) with
   the message quoted, and the model is left untouched.
 
+The hand-tuned rows below are followed by **every other model type** of transformers' auto mappings
+({mappings}), each built from a generic tiny config (see [Every other family](#every-other-family)).
+
+**Coverage: {total} model types: {cov_exact} exact, {cov_refused} refused at conversion{cov_step}, {cov_nb} not
+buildable from a generic tiny config.**
+
 **Sequence arguments** lists the arguments (besides the hidden states) that the wrapped layers
 receive with an axis of the sequence's length; the wrapper gathers them along their token axes (queries,
 keys or both) with the kept indices.
@@ -73,6 +81,47 @@ def _status(fam: Family) -> tuple[str, str, str]:
     return f"`{out.stack}` ({out.layer_class})", status, ", ".join(f"`{a}`" for a in sorted(out.seq_args))
 
 
+KIND_LABEL = {"decoder": "causal LM", "encoder": "masked LM", "seq2seq": "seq-to-seq", "vision": "image classification"}
+GENERATED = """
+## Every other family
+
+Every model type of transformers' auto mappings that the hand-tuned rows above do not cover, in
+the first of the mappings that has it ({mappings}). Each is built from its config class's defaults
+with every size shrunk by name (hidden 32, 4 layers, 4 heads, vocabulary 99, windows 4, 4 experts;
+`tests/arch/generic.py`), in eager attention, run once unconverted on the padded batch, converted
+with `reserved_length=6` and checked against the same independent reference as above.
+
+- **exact**: as above (the reference check on the padded and the unpadded batch);
+- **refused**: `convert_to_random_ltd` raised the library's error (the message quoted), model untouched;
+- **refused at the first step**: conversion passed and the first forward raised the library's error;
+- **not buildable**: no model from the generic tiny config (the first line of the error, or why).
+
+| Model type | Model class | Mapping | Status | Stack wrapped / reason |
+|---|---|---|---|---|
+"""
+
+
+def _generated_row(fam: Family) -> tuple[str, str]:
+    """(status, detail) of a generated family for the page."""
+    found = sweep_status(fam)
+    if found.status == "FAIL":
+        raise AssertionError(f"{fam.name}: the sweep found FAIL: {found.detail}")
+    if found.status == "exact" and found.outcome is not None:
+        return "exact", f"`{found.outcome.stack}` ({found.outcome.layer_class})"
+    return found.status, found.detail
+
+
+def coverage() -> dict[str, int]:
+    """Model types by status: a hand-tuned family counts as exact when any of its rows is exact."""
+    counts = dict.fromkeys(("exact", "refused", "refused at the first step", "not buildable"), 0)
+    for family in {f.family for f in FAMILIES}:
+        rows = [_status(f)[1] for f in VARIANTS if f.family == family]
+        counts["exact" if any(r.startswith("exact") for r in rows) else "refused"] += 1
+    for fam in generated():
+        counts[_generated_row(fam)[0]] += 1
+    return counts
+
+
 def render() -> str:
     import transformers
 
@@ -81,9 +130,15 @@ def render() -> str:
     exact = sum(r[1].startswith("exact") for r in rows.values())
     refused = sum(r[1].startswith("refused") for r in rows.values())
     gaps = len(rows) - exact - refused
+    cov = coverage()
+    mappings = ", ".join(f"`{m}`" for m, _ in MAPPINGS)
+    step = cov["refused at the first step"]
     text = HEADER.format(version=transformers.__version__, atol=ATOL, rtol=RTOL, families=len(families),
                          rows=len(rows), exact=exact, refused=refused,
-                         gaps=f", {gaps} known gap{'s' * (gaps != 1)}" if gaps else "")
+                         gaps=f", {gaps} known gap{'s' * (gaps != 1)}" if gaps else "", mappings=mappings,
+                         total=sum(cov.values()), cov_exact=cov["exact"], cov_refused=cov["refused"],
+                         cov_step=f", {step} refused at the first step" if step else "",
+                         cov_nb=cov["not buildable"])
     for section in SECTIONS:
         text += f"\n## {section}\n\n{COLUMNS}\n"
         text += "|---|---|---|---|---|---|---|\n"
@@ -92,6 +147,10 @@ def render() -> str:
             attn = ", ".join(attn_kinds(fam.name))
             text += (f"| {fam.name} | `{fam.model}` | {attn} | {_cell(stack)} | {_cell(status)} | {args} | "
                      f"{_cell(fam.notes)} |\n")
+    text += GENERATED.format(mappings=mappings)
+    for fam in generated():
+        found, detail = _generated_row(fam)
+        text += f"| {fam.name} | `{fam.model}` | {KIND_LABEL[fam.kind]} | {found} | {_cell(detail)} |\n"
     return text
 
 

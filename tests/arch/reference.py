@@ -176,15 +176,9 @@ def reference_output(
     name = next((n for n in SELF_MASKS if n in params or n in named), None)
     if name is None and "kwargs" in params:
         name = "attention_mask"
-    if name is None:  # no mask parameter: only a layer with no other per-token argument has a reference
-        others = seq_aligned(call, layer, s)
-        assert not others, f"{type(layer).__name__} takes no attention mask but gets {others}: no reference"
-        sub = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        put(params[0], sub)
-        out = layer(*args, **kwargs)
-        full = hidden.clone()
-        full.scatter_(1, idx[..., None].expand(-1, -1, hidden.shape[-1]), _first(out))
-        return ((full, *out[1:]) if isinstance(out, tuple) else full), rows
+    if name is None:  # no mask parameter: nothing restricts the keys, so there is no independent reference
+        raise AssertionError(f"{type(layer).__name__} takes no attention mask: the reference cannot restrict its "
+                             "keys (running it on the kept tokens would only repeat the wrapper)")
     mask = named.get(name)
     if isinstance(mask, torch.Tensor):
         rows = _allowed_rows(mask, b, s, inverted)
