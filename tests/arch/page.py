@@ -37,7 +37,7 @@ samples and again without a padding mask.
   layer on all tokens with its attention restricted to the kept keys (the non-kept key columns of
   its mask blocked, in the layer's own mask convention); the wrapped layer's output at the kept
   positions equals it (to {atol:g} + {rtol:g} x the reference; padding query rows, which the
-  model's own mask blocks entirely, carry nothing and are not compared), the dropped positions equal the
+  mask restricted to the kept keys blocks entirely, carry nothing and are not compared), the dropped positions equal the
   layer's input, and inputs that the layer hands on in its output keep their full length. Calls in
   which a wrapped layer does not drop (ALBERT's first and last) equal the unwrapped layer bitwise.
   One training step of the converted model on the padded batch (loss, backward, SGD step) gives a

@@ -155,8 +155,8 @@ def reference_output(
     """The unwrapped layer on all S tokens, keys restricted to the kept ones.
 
     Returns:
-        (the layer's full output, [B, S] bool of the query rows to compare: rows that the model's own
-        mask masks completely, i.e. padding queries, are garbage in any implementation and skipped).
+        (the layer's full output, [B, S] bool of the query rows to compare: rows that the mask, restricted
+        to the kept keys, masks completely -- padding queries -- are garbage in any implementation and skipped).
     """
     args, kwargs = list(call.args), dict(call.kwargs)
     named, params = _named(layer, call.args, call.kwargs)
@@ -181,8 +181,11 @@ def reference_output(
                              "keys (running it on the kept tokens would only repeat the wrapper)")
     mask = named.get(name)
     if isinstance(mask, torch.Tensor):
-        rows = _allowed_rows(mask, b, s, inverted)
-        put(name, _restrict(mask, key_ok, s, inverted))
+        restricted = _restrict(mask, key_ok, s, inverted)
+        # a padding query whose every allowed key was dropped (a bidirectional window) attends to nothing: skip it
+        rows = _allowed_rows(restricted, b, s, inverted) if restricted.dim() == 4 else _allowed_rows(mask, b, s,
+                                                                                                     inverted)
+        put(name, restricted)
     elif mask is None:
         put(name, _from_scratch(key_ok, causal, like, inverted, hidden.dtype))
     else:
