@@ -147,7 +147,7 @@ def families() -> list[Family]:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     out = list(FAMILIES)
-    covered = {model_type_of(f) for f in FAMILIES}
+    covered = {model_type_of(f) for f in FAMILIES} | {f.family for f in FAMILIES}  # gemma3, siglip: hand rows
     for model_type, (model, kind) in mapped_types().items():
         if model_type in covered:
             continue
