@@ -19,7 +19,7 @@ from .deepspeed_config import ConfigSource, RandomLTDConfig, read_deepspeed_conf
 from .errors import ConfigError, ConversionError
 from .keys import SEGMENT, rename_keys, strip_key
 from .layer import RandomLayerTokenDrop, ReservedLength
-from .mixers import layout_refusal, mixer_refusal
+from .mixers import classify, warn_mixed_stack
 from .schedule import RandomLTDScheduler
 from .stacks import STACKS, SharedCall, candidates_text, find_layer_stack, find_layer_stacks, kind, shared_calls
 
@@ -82,8 +82,8 @@ def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
                 )
             if match is None:
                 raise ConfigError(
-                    f"layers={spec!r} is not a layer selection: use 'middle', 'all', a range such as '1-10' "
-                    "or a list such as '1,3,5' (indices among the matched layers)."
+                    f"layers={spec!r} is not a layer selection: use 'middle', 'attention', 'all', a range such as "
+                    "'1-10' or a list such as '1,3,5' (indices among the matched layers)."
                 )
             if match.group(1) is not None:
                 out.extend(range(int(match.group(1)), int(match.group(2)) + 1))
@@ -166,7 +166,9 @@ def convert_to_random_ltd(
             stack of transformer layers (the repeated class in its largest ``nn.ModuleList``;
             the encoder's in an encoder-decoder model, see ``stack``).
         layers: which of the matched layers to wrap: ``"middle"`` (all but the first and the
-            last, of each stack), ``"all"``, indices (list, range, ``"1-10"``, ``"1,3,5"``;
+            last, of each stack), ``"attention"`` (the middle layers whose token mixing is
+            attention, in a hybrid stack; see :mod:`random_ltd_cli.mixers`), ``"all"``, indices
+            (list, range, ``"1-10"``, ``"1,3,5"``;
             with ``stack="both"`` they count the encoder's layers first, then the decoder's).
         filter_fn: ``(module, qualified_name) -> bool`` to restrict (or, without
             ``layer_type``, define) the matched layers.
@@ -218,13 +220,7 @@ def convert_to_random_ltd(
         layers, mask_names, batch_first, scheduler = _apply_deepspeed(
             cfg, len(candidates), layers, mask_names, batch_first, scheduler
         )
-    refused: dict[int, str] = {}
-    mixers: dict[int, str] = {}  # refused because their token mixing is not attention (hybrid stacks)
-    for i, (_, layer) in enumerate(candidates):
-        if (reason := refusal(layer) or layout_refusal(layer)) is not None:
-            refused[i] = reason
-        elif (reason := mixer_refusal(layer)) is not None:
-            refused[i] = mixers[i] = reason
+    refused, mixers = classify([layer for _, layer in candidates], refusal)
     if refused and len(refused) == len(candidates):
         _, first = candidates[0]
         raise ConversionError(
@@ -262,7 +258,8 @@ def convert_to_random_ltd(
         wrappers.append((name, wrapper, call))
     for name, wrapper, _ in wrappers:  # every check passed: now mutate
         _set_submodule(root, name, wrapper)
-    _warn_mixed(candidates, chosen)
+    if layer_type is None and filter_fn is None:  # a stack conversion found (an explicit choice needs no warning)
+        warn_mixed_stack(candidates, chosen)
     _count_shared_calls(root, [(w, c) for _, w, c in wrappers if c is not None])
     return model
 
@@ -411,23 +408,6 @@ def _check_refused(candidates: list[tuple[str, nn.Module]], chosen: list[int], r
     raise ConversionError(
         f"random-LTD cannot drop tokens exactly in layers {names} of {type(candidates[bad[0]][1]).__name__}: "
         f"{refused[bad[0]]}. The model is unchanged; {remedy}."
-    )
-
-
-def _warn_mixed(candidates: list[tuple[str, nn.Module]], chosen: list[int]) -> None:
-    """A stack of several layer classes: say which classes were wrapped and which were not."""
-    classes = collections.Counter(type(m).__name__ for _, m in candidates)
-    if len(classes) < 2:
-        return
-    wrapped = collections.Counter(type(candidates[i][1]).__name__ for i in chosen)
-    left = {c: n - wrapped.get(c, 0) for c, n in classes.items() if n - wrapped.get(c, 0)}
-    import warnings
-
-    warnings.warn(
-        "the layer stack holds several layer classes; wrapped: "
-        + ", ".join(f"{c} x{n}" for c, n in sorted(wrapped.items()))
-        + "; not wrapped: " + (", ".join(f"{c} x{n}" for c, n in sorted(left.items())) or "none"),
-        stacklevel=3,
     )
 
 

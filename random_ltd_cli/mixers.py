@@ -30,13 +30,16 @@ carry per-token state that cannot be gathered (``mamba_attention_mask``, ``origi
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import re
+import warnings
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["layout_refusal", "mixer_refusal"]
+__all__ = ["classify", "layout_refusal", "mixer_refusal", "warn_mixed_stack"]
 
 SCAN_PARAMETERS = ("A_log", "dt_bias", "time_decay", "time_first", "time_faaaa", "recurrent_param",
                    "a_log", "lambda_p", "decay_log")
@@ -132,3 +135,33 @@ def layout_refusal(layer: nn.Module) -> str | None:
             return (f"its forward takes {arg!r} ({what}), which random-LTD cannot line up with the kept tokens "
                     "exactly")
     return None
+
+
+def classify(layers: Sequence[nn.Module], refusal: Callable[[nn.Module], str | None]) -> tuple[dict[int, str],
+                                                                                            dict[int, str]]:
+    """``(refused, mixers)``: the reason for every refused layer (by index), and among them the layers refused
+    only because their token mixing is not attention (``layers="attention"`` skips those in a hybrid stack).
+    ``refusal`` is the family rule of :func:`random_ltd_cli.adapters.refusal`."""
+    refused: dict[int, str] = {}
+    mixers: dict[int, str] = {}
+    for i, layer in enumerate(layers):
+        if (reason := refusal(layer) or layout_refusal(layer)) is not None:
+            refused[i] = reason
+        elif (reason := mixer_refusal(layer)) is not None:
+            refused[i] = mixers[i] = reason
+    return refused, mixers
+
+
+def warn_mixed_stack(candidates: list[tuple[str, nn.Module]], chosen: list[int]) -> None:
+    """A stack of several layer classes: say which classes were wrapped and which were not."""
+    classes = collections.Counter(type(m).__name__ for _, m in candidates)
+    if len(classes) < 2:
+        return
+    wrapped = collections.Counter(type(candidates[i][1]).__name__ for i in chosen)
+    left = {c: n - wrapped.get(c, 0) for c, n in classes.items() if n - wrapped.get(c, 0)}
+    warnings.warn(
+        "the layer stack holds several layer classes; wrapped: "
+        + ", ".join(f"{c} x{n}" for c, n in sorted(wrapped.items()))
+        + "; not wrapped: " + (", ".join(f"{c} x{n}" for c, n in sorted(left.items())) or "none"),
+        stacklevel=4,
+    )
