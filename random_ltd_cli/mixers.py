@@ -11,8 +11,9 @@ are refused at conversion. The rule is structural and costs one walk over the la
 * a convolution or pooling over a 2-D grid (``nn.Conv2d``/``nn.Conv3d`` or ``nn.*Pool2d``): the
   layer works on ``[B, C, H, W]`` feature maps, not on a token sequence;
 * channels-first: a pointwise ``nn.Conv1d`` reads ``[B, H, S]`` (SqueezeBERT), not ``[B, S, H]``;
-* a recurrence: ``nn.RNNBase`` (LSTM/GRU), or a module holding the parameters of a state-space or
-  recurrent scan (``A_log``, ``dt_bias``, ``time_decay``, ``time_first``, ``recurrent_param``...);
+* a recurrence: ``nn.RNNBase`` (LSTM/GRU), input and forget gates (xLSTM), or a module holding the
+  parameters of a state-space or recurrent scan (``A_log``, ``dt_bias``, ``time_decay``, ``time_first``,
+  ``recurrent_param``...);
 * linear attention with a decay over the token order (``slope_rate``, MiniMax lightning attention);
 * a Fourier transform (a module class whose source uses ``torch.fft``);
 * hashing attention (LSH buckets: ``num_hash``/``hash_code_len``, ``num_hashes``) or block-approximated
@@ -77,6 +78,9 @@ def _module_reason(module: nn.Module) -> str | None:
     if scan:
         return (f"a state-space or recurrent scan over the tokens (parameters {', '.join(scan)}): on the kept "
                 "tokens the state would skip the dropped steps")
+    children = {n for n, _ in module.named_children()}
+    if {"igate_preact", "fgate_preact"} <= children or {"input_gate", "forget_gate"} <= children:
+        return "an LSTM-style recurrence over the tokens (input and forget gates): it would skip the dropped steps"
     if "slope_rate" in own:
         return "linear attention with a decay over the token order (slope_rate): a recurrence in disguise"
     if any(all(hasattr(module, a) for a in attrs) for attrs in HASH_ATTRIBUTES):

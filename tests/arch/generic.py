@@ -63,6 +63,7 @@ HYBRID = ["linear_attention", "full_attention", "linear_attention", "full_attent
 OVERRIDES: dict[str, dict[str, Any]] = {
     # hybrids: the generic 4 layers would hold no attention layer at all
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # the default shares more layers' caches than 4 layers have
     "bamba": {"attn_layer_indices": [1, 3]},
     "granitemoehybrid": {"layer_types": HYBRID},
     "bailing_hybrid": {"layer_types": HYBRID},
@@ -108,7 +109,7 @@ def _shrink_value(key: str, value: Any, vision: bool) -> Any:
         if key in ("embed_dim",):
             return [16 * (i + 1) for i in range(len(value))]
         if key in SIZES:
-            return [SIZES[key]] * len(value)
+            return SIZES[key]  # one value for every layer (Gemma-3n's per-layer intermediate sizes)
     return value
 
 

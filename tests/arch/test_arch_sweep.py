@@ -72,13 +72,13 @@ def test_sweep_covers_the_issue_families() -> None:
 
 GENERATED = generated()
 # token mixers that are not attention (issue 20): refused at conversion, by the mixer rule or the layout rule
-NOT_ATTENTION = ("mamba", "mamba2", "falcon_mamba", "rwkv", "fnet", "recurrent_gemma", "jamba", "bamba", "qwen3_next",
-                 "qwen3_5_text", "qwen3_5_moe_text", "minimax", "granitemoehybrid", "lfm3", "lara_mini", "yoso",
-                 "convbert", "olmo_hybrid", "mra")
+NOT_ATTENTION = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "fnet", "recurrent_gemma", "jamba", "bamba",
+                 "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax", "kimi_linear", "granitemoehybrid", "lfm3",
+                 "bailing_hybrid", "lara_mini", "yoso", "convbert", "olmo_hybrid", "mra")
 # convolutional stages ([B, C, H, W] states), channels-first, multi-stream and n-gram layouts, per-token state args
 LAYOUTS = ("resnet", "regnet", "mobilenet_v1", "mobilenet_v2", "poolformer", "cvt", "segformer", "swiftformer",
-           "pvt_v2", "pp_lcnet", "squeezebert", "deepseek_v4", "hy_v4", "prophetnet", "falcon_h1", "funnel",
-           "xlm", "flaubert")
+           "pvt_v2", "pp_lcnet", "squeezebert", "deepseek_v4", "hy_v4", "gemma3n_text", "prophetnet", "falcon_h1",
+           "zamba2", "glm_moe_dsa", "inkling_text", "funnel", "xlnet", "xlm", "flaubert")
 
 
 @pytest.mark.parametrize("fam", GENERATED, ids=[f.name for f in GENERATED])
