@@ -68,6 +68,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "granitemoehybrid": {"layer_types": HYBRID},
     "bailing_hybrid": {"layer_types": HYBRID},
     "kimi_linear": {"layer_types": HYBRID},
+    "qwen3_next": {"layer_types": HYBRID},
+    "qwen3_5_text": {"layer_types": HYBRID},
+    "qwen3_5_moe_text": {"layer_types": HYBRID},
+    "olmo_hybrid": {"layer_types": HYBRID},
     "zamba2": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention", "hybrid"],
                "hybrid_layer_ids": [1, 3]},
 }
@@ -124,6 +128,8 @@ def _shrink(defaults: dict[str, Any], vision: bool) -> dict[str, Any]:
         new = _shrink_value(key, value, vision)
         if new is not value:
             out[key] = new
+    if "kv_lora_rank" in defaults and "num_key_value_heads" in out:
+        out["num_key_value_heads"] = HEADS  # multi-head latent attention has as many key/value heads as heads
     tokens = {k: v for k, v in defaults.items() if k.endswith(("_token_id", "_token_index", "_id")) and
               isinstance(v, int) and not isinstance(v, bool) and v >= VOCAB - 8}
     for i, key in enumerate(sorted(tokens)):

@@ -85,6 +85,16 @@ LAYOUTS = ("resnet", "regnet", "mobilenet_v1", "mobilenet_v2", "poolformer", "cv
 def test_generated_family_is_exact_refused_or_not_buildable(fam: Family) -> None:
     found = status(fam)
     assert found.status in STATUSES, f"{fam.name}: {found.status}: {found.detail}"
+    assert "FAIL with layers='attention'" not in found.detail, found.detail
+
+
+HYBRIDS = ("jamba", "bamba", "qwen3_next", "minimax", "granitemoehybrid", "lfm3", "recurrent_gemma", "olmo_hybrid")
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_a_hybrid_stack_is_exact_with_layers_attention(name: str) -> None:
+    found = status(next(f for f in GENERATED if f.name == name))
+    assert found.status == "refused" and "with layers='attention' exact (wraps " in found.detail, found.detail
 
 
 @pytest.mark.parametrize("name", NOT_ATTENTION + LAYOUTS)
