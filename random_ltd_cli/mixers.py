@@ -112,6 +112,7 @@ SEQUENCE_STATE_ARGS = {
     "block_states": "states of a recurrent block carried between layers",
     "conv_mask": "the mask of a convolution over tokens",
     "encoder_padding_mask": "a fairseq-style padding mask: such layers take [S, B, H] sequence-first states",
+    "prev_attn_output": "the other half of a reversible residual pair (Reformer)",
     "output_g": "the query stream of two-stream attention (XLNet), laid out sequence-first",
     "key": "a separate key sequence (the layer pools or attends over another length)",
     "value": "a separate value sequence (the layer pools or attends over another length)",

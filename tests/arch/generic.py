@@ -63,7 +63,8 @@ HYBRID = ["linear_attention", "full_attention", "linear_attention", "full_attent
 OVERRIDES: dict[str, dict[str, Any]] = {
     # hybrids: the generic 4 layers would hold no attention layer at all
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
-    "gemma3n_text": {"num_kv_shared_layers": 0},  # the default shares more layers' caches than 4 layers have
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "reformer": {"axial_pos_embds_dim": [16, 16], "is_decoder": True},  # the axial dims must sum to the hidden size  # the default shares more layers' caches than 4 layers have
     "bamba": {"attn_layer_indices": [1, 3]},
     "granitemoehybrid": {"layer_types": HYBRID},
     "bailing_hybrid": {"layer_types": HYBRID},

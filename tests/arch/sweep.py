@@ -27,7 +27,7 @@ from .generic import make_generic_config
 from .reference import Outcome, check_exact, convert, snapshot
 from .zoo import Family, R, _zero_dropout, batch_for
 
-MAX_PARAMETERS = 4_000_000  # a generic tiny config that still builds more is "not buildable" (too large)
+MAX_PARAMETERS = 5_000_000  # a generic tiny config that still builds more is "not buildable" (too large)
 STATUSES = ("exact", "refused", "refused at the first step", "not buildable")
 
 
