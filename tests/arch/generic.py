@@ -63,8 +63,6 @@ HYBRID = ["linear_attention", "full_attention", "linear_attention", "full_attent
 OVERRIDES: dict[str, dict[str, Any]] = {
     # hybrids: the generic 4 layers would hold no attention layer at all
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
-    "gemma3n_text": {"num_kv_shared_layers": 0},
-    "reformer": {"axial_pos_embds_dim": [16, 16], "is_decoder": True},  # the axial dims must sum to the hidden size  # the default shares more layers' caches than 4 layers have
     "bamba": {"attn_layer_indices": [1, 3]},
     "granitemoehybrid": {"layer_types": HYBRID},
     "bailing_hybrid": {"layer_types": HYBRID},
@@ -73,6 +71,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3_5_text": {"layer_types": HYBRID},
     "qwen3_5_moe_text": {"layer_types": HYBRID},
     "olmo_hybrid": {"layer_types": HYBRID},
+    # the default shares more layers' caches than 4 layers have
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    # the axial position dimensions must sum to the hidden size; an LM head needs is_decoder
+    "reformer": {"axial_pos_embds_dim": [16, 16], "is_decoder": True},
     "zamba2": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention", "hybrid"],
                "hybrid_layer_ids": [1, 3]},
 }
