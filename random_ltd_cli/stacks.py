@@ -50,13 +50,15 @@ def _same_kind(a: type[nn.Module], b: type[nn.Module]) -> bool:
     return suffix is not None and a.__name__.endswith(suffix) and a.__module__ == b.__module__
 
 
-def _parallel_lists(found: list[tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]],
-                    chosen: tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]) -> None:
-    """Refuse a stack that is one of several parallel lists of layer parts (XLM: ``attentions``, ``ffns``...)."""
+_Found = tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]
+
+
+def _parallel_lists(found: list[_Found], chosen: _Found) -> None:
+    """Refuse a stack that is one of several parallel lists of layer parts (XLM: ``attentions``, ``ffns``...):
+    sibling lists of the same length holding other classes."""
     parent = chosen[1].rpartition(".")[0]
     siblings = [f for f in found if f[1] != chosen[1] and f[1].rpartition(".")[0] == parent
-                and len(f[3]) == len(chosen[3]) and f[2] is not chosen[2] and isinstance(
-                    dict(f[3])[f[3][0][0]], nn.Module)]
+                and len(f[3]) == len(chosen[3]) and f[2] is not chosen[2]]
     if not siblings:
         return
     names = ", ".join(f"{f[1]} ({f[2].__name__})" for f in [chosen, *siblings])

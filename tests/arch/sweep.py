@@ -90,8 +90,7 @@ def _attention_only(fam: Family) -> str:
     except AssertionError as exc:
         return f"FAIL with layers='attention': {_line(exc)}"
     wrapped = ", ".join(outcome.wrapped)
-    return (f"with layers='attention' exact (wraps {wrapped}: {outcome.layer_class}; "
-            f"max abs diff {outcome.max_diff:.1e})")
+    return f"with layers='attention' exact (wraps {wrapped}: {outcome.layer_class})"  # no numbers: CPU-dependent
 
 
 def status(fam: Family) -> Status:
