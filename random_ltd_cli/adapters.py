@@ -338,6 +338,18 @@ def refusal(layer: nn.Module) -> str | None:
     if any(hasattr(m, "block_len") and hasattr(m, "local_radius") for m in layer.modules()):
         return ("its local attention splits the sequence it sees into blocks of fixed length (LongT5-style), so on "
                 "r kept tokens the blocks would count kept tokens, not positions")
+    if "global_hidden_states" in params:
+        return ("its local attention splits the sequence it sees into fixed blocks beside global tokens "
+                "(PEGASUS-X-style), so on r kept tokens the blocks would count kept tokens, not positions")
+    if any(isinstance(getattr(m, "expert_capacity", None), int) for m in layer.modules()):
+        return ("its experts take a fixed number of tokens per batch (expert_capacity), so which tokens overflow "
+                "depends on how many tokens the layer sees")
+    if any(hasattr(m, "keep_window_size") for m in layer.modules()):
+        return ("its dynamic-mask attention keeps a fixed number of keys per query among the tokens it sees "
+                "(Doge-style keep_window_size), so on r kept tokens it would choose among kept tokens only")
+    if any(hasattr(m, "num_chunks_before") and hasattr(m, "chunk_length") for m in layer.modules()):
+        return ("its local attention splits the sequence it sees into chunks of fixed length (Reformer-style), so on "
+                "r kept tokens the chunks would count kept tokens, not positions")
     if any(hasattr(m, "num_landmarks") for m in layer.modules()):
         return ("its Nystrom attention averages fixed segments of the sequence it sees into landmarks, which a "
                 "subset of the tokens does not have")

@@ -204,6 +204,8 @@ BUILTIN: dict[str, Alignment] = {
     "cross_attn_head_mask": NONE,
     # hidden-state-like extras (DeBERTa's query_states [B,S,H])
     "query_states": _builtin("b s d"),
+    # per-token inputs of each layer (Gemma-4's per_layer_input [B,S,d])
+    "per_layer_input": _builtin("b s d"),
     # not per token
     **{n: NONE for n in ("encoder_hidden_states", "rel_embeddings", "head_mask", "layer_head_mask",
                          "cache_position", "output_attentions", "output_router_logits")},

@@ -19,6 +19,7 @@ from .deepspeed_config import ConfigSource, RandomLTDConfig, read_deepspeed_conf
 from .errors import ConfigError, ConversionError
 from .keys import SEGMENT, rename_keys, strip_key
 from .layer import RandomLayerTokenDrop, ReservedLength
+from .mixers import classify, warn_mixed_stack
 from .schedule import RandomLTDScheduler
 from .stacks import STACKS, SharedCall, candidates_text, find_layer_stack, find_layer_stacks, kind, shared_calls
 from .verify import check_verify_mode
@@ -69,7 +70,7 @@ def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
     """
     if isinstance(spec, str):
         text = spec.strip().lower()
-        if text in ("middle", "all"):
+        if text in ("middle", "all", "attention"):
             return text
         out: list[int] = []
         for part in text.split(","):
@@ -82,8 +83,8 @@ def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
                 )
             if match is None:
                 raise ConfigError(
-                    f"layers={spec!r} is not a layer selection: use 'middle', 'all', a range such as '1-10' "
-                    "or a list such as '1,3,5' (indices among the matched layers)."
+                    f"layers={spec!r} is not a layer selection: use 'middle', 'attention', 'all', a range such as "
+                    "'1-10' or a list such as '1,3,5' (indices among the matched layers)."
                 )
             if match.group(1) is not None:
                 out.extend(range(int(match.group(1)), int(match.group(2)) + 1))
@@ -107,9 +108,12 @@ def parse_layer_spec(spec: LayerSpec) -> str | list[int]:
 def select_layers(candidates: Sequence[tuple[str, nn.Module]], layers: LayerSpec) -> list[int]:
     """Indices into ``candidates`` chosen by ``layers`` (see :func:`parse_layer_spec`).
 
-    ``"middle"`` is every layer but the first and the last, as the paper recommends.
+    ``"middle"`` is every layer but the first and the last, as the paper recommends; ``"attention"``
+    selects the same positions (:func:`convert_to_random_ltd` then keeps only the attention layers).
     """
     spec = parse_layer_spec(layers)
+    if spec == "attention":
+        spec = "middle"
     n = len(candidates)
     if spec == "all":
         return list(range(n))
@@ -164,7 +168,9 @@ def convert_to_random_ltd(
             stack of transformer layers (the repeated class in its largest ``nn.ModuleList``;
             the encoder's in an encoder-decoder model, see ``stack``).
         layers: which of the matched layers to wrap: ``"middle"`` (all but the first and the
-            last, of each stack), ``"all"``, indices (list, range, ``"1-10"``, ``"1,3,5"``;
+            last, of each stack), ``"attention"`` (the middle layers whose token mixing is
+            attention, in a hybrid stack; see :mod:`random_ltd_cli.mixers`), ``"all"``, indices
+            (list, range, ``"1-10"``, ``"1,3,5"``;
             with ``stack="both"`` they count the encoder's layers first, then the decoder's).
         filter_fn: ``(module, qualified_name) -> bool`` to restrict (or, without
             ``layer_type``, define) the matched layers.
@@ -220,7 +226,7 @@ def convert_to_random_ltd(
         layers, mask_names, batch_first, scheduler = _apply_deepspeed(
             cfg, len(candidates), layers, mask_names, batch_first, scheduler
         )
-    refused = {i: reason for i, (_, layer) in enumerate(candidates) if (reason := refusal(layer)) is not None}
+    refused, mixers = classify([layer for _, layer in candidates], refusal)
     if refused and len(refused) == len(candidates):
         _, first = candidates[0]
         raise ConversionError(
@@ -228,7 +234,14 @@ def convert_to_random_ltd(
             f"The model is unchanged; train {type(root).__name__} without random-LTD."
         )
     chosen = _select(groups, layers)
-    _check_refused(candidates, chosen, refused)
+    if parse_layer_spec(layers) == "attention":
+        chosen = [i for i in chosen if i not in mixers]
+        if not chosen:
+            raise ConversionError(
+                f"layers='attention' selects nothing in {type(root).__name__}: none of the middle layers of its "
+                "stack mixes tokens with attention. The model is unchanged."
+            )
+    _check_refused(candidates, chosen, refused, mixers)
     plans: dict[str, tuple[nn.Module, list[int], SharedCall | None]] = {}
     for i in chosen:  # a shared layer (ALBERT) is wrapped once, dropping in its chosen calls
         label, layer = candidates[i]
@@ -252,6 +265,8 @@ def convert_to_random_ltd(
         wrappers.append((name, wrapper, call))
     for name, wrapper, _ in wrappers:  # every check passed: now mutate
         _set_submodule(root, name, wrapper)
+    if layer_type is None and filter_fn is None:  # a stack conversion found (an explicit choice needs no warning)
+        warn_mixed_stack(candidates, chosen)
     _count_shared_calls(root, [(w, c) for _, w, c in wrappers if c is not None])
     return model
 
@@ -374,7 +389,7 @@ def _candidate_groups(
 
 def _select(groups: list[list[tuple[str, nn.Module]]], layers: LayerSpec) -> list[int]:
     """Indices among the concatenated groups; ``"middle"`` is the middle of each group."""
-    if len(groups) == 1 or parse_layer_spec(layers) != "middle":
+    if len(groups) == 1 or parse_layer_spec(layers) not in ("middle", "attention"):
         return select_layers([c for g in groups for c in g], layers)
     chosen: list[int] = []
     offset = 0
@@ -384,7 +399,8 @@ def _select(groups: list[list[tuple[str, nn.Module]]], layers: LayerSpec) -> lis
     return chosen
 
 
-def _check_refused(candidates: list[tuple[str, nn.Module]], chosen: list[int], refused: dict[int, str]) -> None:
+def _check_refused(candidates: list[tuple[str, nn.Module]], chosen: list[int], refused: dict[int, str],
+                   mixers: dict[int, str]) -> None:
     bad = [i for i in chosen if i in refused]
     if not bad:
         return
@@ -392,6 +408,10 @@ def _check_refused(candidates: list[tuple[str, nn.Module]], chosen: list[int], r
     fine = [i for i in chosen if i not in refused]
     remedy = (f"wrap only the compatible ones, e.g. layers={fine}" if fine
               else "choose other layers with layers= or filter_fn=")
+    if fine and all(i in mixers for i in bad):
+        kept = ", ".join(sorted({type(candidates[i][1]).__name__ for i in fine}))
+        remedy = (f"this stack mixes attention layers with other token mixers: layers='attention' wraps only its "
+                  f"middle attention layers (indices {fine}, {kept})")
     raise ConversionError(
         f"random-LTD cannot drop tokens exactly in layers {names} of {type(candidates[bad[0]][1]).__name__}: "
         f"{refused[bad[0]]}. The model is unchanged; {remedy}."

@@ -31,11 +31,45 @@ def _stacks(model: nn.Module) -> list[tuple[tuple[int, int, int], str, type[nn.M
         cls, count = counts.most_common(1)[0]
         if count < 2 or cls in (nn.ModuleList, nn.ModuleDict, nn.Sequential):
             continue
-        members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls]
+        mixed = isinstance(module, nn.ModuleList) and all(_same_kind(type(c), cls) for _, c in children)
+        members = [(f"{name}.{n}" if name else n, c) for n, c in children if type(c) is cls or mixed]
         params = sum(p.numel() for _, c in members for p in c.parameters())
         listed = isinstance(module, (nn.ModuleList, nn.ModuleDict))
         found.append(((int(listed), count, params), name, cls, members))
     return found
+
+
+def _side_tower(name: str) -> bool:
+    """A stack under a vision/audio tower of a multimodal model (``git.image_encoder.vision_model...``)."""
+    return any(w in s for s in name.lower().split(".") for w in ("vision", "image", "visual", "audio"))
+
+
+def _same_kind(a: type[nn.Module], b: type[nn.Module]) -> bool:
+    """Two layer classes of one mixed stack (``JambaAttentionDecoderLayer``, ``JambaMambaDecoderLayer``)."""
+    if a is b:
+        return True
+    suffix = next((w for w in ("Layer", "Block") if b.__name__.endswith(w)), None)
+    return suffix is not None and a.__name__.endswith(suffix) and a.__module__ == b.__module__
+
+
+_Found = tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]
+
+
+def _parallel_lists(found: list[_Found], chosen: _Found) -> None:
+    """Refuse a stack that is one of several parallel lists of layer parts (XLM: ``attentions``, ``ffns``...):
+    sibling lists of the same length holding other classes."""
+    parent = chosen[1].rpartition(".")[0]
+    siblings = [f for f in found if f[1] != chosen[1] and f[1].rpartition(".")[0] == parent
+                and len(f[3]) == len(chosen[3]) and f[2] is not chosen[2]]
+    if not siblings:
+        return
+    names = ", ".join(f"{f[1]} ({f[2].__name__})" for f in [chosen, *siblings])
+    raise ConversionError(
+        f"no module of this model is a whole transformer layer: it keeps the parts of its layers in parallel lists "
+        f"({names}) and adds their residuals and norms in the model's own loop, so no module can be wrapped for "
+        "the dropped tokens to pass through a layer unchanged (wrapping one list would change them). Train it "
+        "without random-LTD, or restructure it into one module per layer."
+    )
 
 
 def kind(name: str) -> str | None:
@@ -76,7 +110,8 @@ def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]
                for k in ("encoder", "decoder")}
     enc, dec = by_kind["encoder"], by_kind["decoder"]
     if stack is None:
-        chosen = [enc] if enc is not None and dec is not None else [max(found, key=lambda f: f[0])]
+        text = [f for f in found if not _side_tower(f[1])] or found  # a multimodal LM: its text stack
+        chosen = [enc] if enc is not None and dec is not None else [max(text, key=lambda f: f[0])]
     else:
         wanted = ["encoder", "decoder"] if stack == "both" else [stack]
         missing = [k for k in wanted if by_kind[k] is None]
@@ -87,6 +122,8 @@ def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]
                 "stack= chooses between the encoder and the decoder of an encoder-decoder model."
             )
         chosen = [f for k in wanted if (f := by_kind[k]) is not None]
+    for f in chosen:
+        _parallel_lists(found, f)
     return [(f[1], f[2], f[3]) for f in chosen]
 
 

@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         ("model_speedup.py", ["--smoke"], "measured_over_ideal"),
         ("sampling_cost.py", ["--smoke"], "ratio_deepspeed_over_ours"),
         ("cli_startup.py", ["--smoke"], "median_s"),
+        ("mixer_rule_cost.py", ["--smoke"], "rule_ms_per_layer"),
         ("compile_schedule.py", ["--smoke"], "compilations"),
         ("strip_throughput.py", ["--size-mib", "4", "--repeats", "1"], None),
         ("strip_dcp.py", ["--size-mib", "4", "--repeats", "1"], "ratio_vs_cp_r_sync"),

@@ -22,7 +22,8 @@ LayerTypeOption = Annotated[
 ]
 LayersOption = Annotated[
     str,
-    typer.Option("--layers", help="Which matched layers: middle, all, 1-10 or 1,3,5.", metavar="SPEC"),
+    typer.Option("--layers", help="Which matched layers: middle, attention (hybrid stacks), all, 1-10 or 1,3,5.",
+                 metavar="SPEC"),
 ]
 DsConfigOption = Annotated[
     Path | None,

@@ -152,13 +152,13 @@ def _allowed_rows(mask: torch.Tensor, b: int, s: int, inverted: bool = False) ->
 
 def reference_output(
     layer: nn.Module, call: Call, idx: torch.Tensor, causal: bool, inverted: bool = False,
-    like: torch.Tensor | None = None,
+    like: torch.Tensor | None = None, maskless: bool = False,
 ) -> tuple[Any, torch.Tensor]:
     """The unwrapped layer on all S tokens, keys restricted to the kept ones.
 
     Returns:
-        (the layer's full output, [B, S] bool of the query rows to compare: rows that the model's own
-        mask masks completely, i.e. padding queries, are garbage in any implementation and skipped).
+        (the layer's full output, [B, S] bool of the query rows to compare: rows that the mask, restricted
+        to the kept keys, masks completely -- padding queries -- are garbage in any implementation and skipped).
     """
     args, kwargs = list(call.args), dict(call.kwargs)
     named, params = _named(layer, call.args, call.kwargs)
@@ -178,7 +178,10 @@ def reference_output(
     name = next((n for n in SELF_MASKS if n in params or n in named), None)
     if name is None and "kwargs" in params:
         name = "attention_mask"
-    if name is None:  # no mask parameter: only a layer with no other per-token argument has a reference
+    if name is None and not maskless:  # nothing restricts the keys: no independent reference
+        raise AssertionError(f"{type(layer).__name__} takes no attention mask: the reference cannot restrict its "
+                             "keys (running it on the kept tokens would only repeat the wrapper)")
+    if name is None:  # hand-vetted position-free attention without a mask (Data2Vec-Vision): run on the kept tokens
         others = seq_aligned(call, layer, s)
         assert not others, f"{type(layer).__name__} takes no attention mask but gets {others}: no reference"
         sub = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -189,8 +192,11 @@ def reference_output(
         return ((full, *out[1:]) if isinstance(out, tuple) else full), rows
     mask = named.get(name)
     if isinstance(mask, torch.Tensor):
-        rows = _allowed_rows(mask, b, s, inverted)
-        put(name, _restrict(mask, key_ok, s, inverted))
+        restricted = _restrict(mask, key_ok, s, inverted)
+        # a padding query whose every allowed key was dropped (a bidirectional window) attends to nothing: skip it
+        rows = _allowed_rows(restricted, b, s, inverted) if restricted.dim() == 4 else _allowed_rows(mask, b, s,
+                                                                                                     inverted)
+        put(name, restricted)
     elif mask is None:
         put(name, _from_scratch(key_ok, causal, like, inverted, hidden.dtype))
     else:
@@ -291,7 +297,7 @@ def _check_layer(fam: Family, name: str, inner: nn.Module, calls: list[Call], ou
         if mask is not None:
             outcome.masks.setdefault(name, mask)  # the form of this layer's mask, for calls that get None
         like = outcome.masks.get(name)
-        diff = _compare(name, inner, call, call.idx, causal, fam.inverted_mask, like)
+        diff = _compare(name, inner, call, call.idx, causal, fam.inverted_mask, like, fam.group != "Generated")
         outcome.max_diff = max(outcome.max_diff, diff)
         s = named[params[0] if params[0] in named else "hidden_states"].shape[1]
         outcome.seq_args += [a for a in seq_aligned(call, inner, s) if a not in outcome.seq_args]
@@ -299,7 +305,7 @@ def _check_layer(fam: Family, name: str, inner: nn.Module, calls: list[Call], ou
 
 def _compare(
     name: str, inner: nn.Module, call: Call, idx: torch.Tensor, causal: bool, inverted: bool,
-    like: torch.Tensor | None,
+    like: torch.Tensor | None, maskless: bool = False,
 ) -> float:
     named, params = _named(inner, call.args, call.kwargs)
     hidden = named[params[0] if params[0] in named else "hidden_states"]
@@ -308,7 +314,7 @@ def _compare(
     idx = idx.expand(b, R)  # one row: the same kept positions for every sample (MPT)
     kept = torch.zeros(b, s, dtype=torch.bool).scatter(1, idx, True)
     with torch.no_grad():
-        ref, rows = reference_output(inner, call, idx, causal, inverted, like)
+        ref, rows = reference_output(inner, call, idx, causal, inverted, like, maskless)
     got = _first(call.out)
     assert got.shape == hidden.shape, f"{name}: output {tuple(got.shape)} != input {tuple(hidden.shape)}"
     assert torch.equal(got[~kept], hidden[~kept]), f"{name}: dropped tokens changed"

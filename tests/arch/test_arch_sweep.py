@@ -11,7 +11,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+from .generic import generated
 from .reference import check_checkpointing, check_eval_identical, check_training_step, result
+from .sweep import STATUSES, status
 from .zoo import BY_NAME, VARIANTS, Family, attn_kinds
 
 
@@ -64,3 +66,41 @@ def test_sweep_covers_the_issue_families() -> None:
              "electra", "deberta", "deberta_v2", "mpnet", "xlm_roberta", "vit", "deit", "beit", "swin", "wav2vec2",
              "hubert", "whisper", "t5", "bart", "mbart", "pegasus"}
     assert named <= families, named - families
+
+
+# -- the generated sweep: every other family of transformers' auto mappings -------------------------------------
+
+GENERATED = generated()
+# token mixers that are not attention (issue 20): refused at conversion, by the mixer rule or the layout rule
+NOT_ATTENTION = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "fnet", "recurrent_gemma", "jamba", "bamba",
+                 "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax", "kimi_linear", "granitemoehybrid", "lfm3",
+                 "bailing_hybrid", "lara_mini", "yoso", "convbert", "olmo_hybrid", "mra")
+# convolutional stages ([B, C, H, W] states), channels-first, multi-stream and n-gram layouts, per-token state args
+LAYOUTS = ("resnet", "regnet", "mobilenet_v1", "mobilenet_v2", "poolformer", "cvt", "segformer", "swiftformer",
+           "pvt_v2", "pp_lcnet", "squeezebert", "deepseek_v4", "hy_v4", "gemma3n_text", "prophetnet", "falcon_h1",
+           "zamba2", "glm_moe_dsa", "inkling_text", "funnel", "xlnet", "xlm", "flaubert")
+
+
+@pytest.mark.parametrize("fam", GENERATED, ids=[f.name for f in GENERATED])
+def test_generated_family_is_exact_refused_or_not_buildable(fam: Family) -> None:
+    found = status(fam)
+    assert found.status in STATUSES, f"{fam.name}: {found.status}: {found.detail}"
+    assert "FAIL with layers='attention'" not in found.detail, found.detail
+
+
+HYBRIDS = ("jamba", "bamba", "qwen3_next", "minimax", "granitemoehybrid", "lfm3", "recurrent_gemma", "olmo_hybrid")
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_a_hybrid_stack_is_exact_with_layers_attention(name: str) -> None:
+    found = status(next(f for f in GENERATED if f.name == name))
+    assert found.status == "refused" and "with layers='attention' exact (wraps " in found.detail, found.detail
+
+
+@pytest.mark.parametrize("name", NOT_ATTENTION + LAYOUTS)
+def test_what_is_not_one_attention_sequence_is_refused_at_conversion(name: str) -> None:
+    fam = next(f for f in GENERATED if f.name == name)
+    found = status(fam)
+    assert found.status == "refused", f"{name}: {found.status}: {found.detail}"
+    if name in NOT_ATTENTION:
+        assert "is not attention" in found.detail or "line up with the kept tokens" in found.detail, found.detail
