@@ -391,3 +391,16 @@ def test_with_several_ranks_first_means_the_first_dropping_call_only(monkeypatch
     lm_loss(model, _ids(), position_ids=_positions())
     lm_loss(model, _ids(), position_ids=_positions(), attention_mask=torch.zeros(2, 1, S, S))  # new signature
     assert len(seen) == 2  # not again: a signature seen by one rank only would leave collectives unmatched
+
+
+def test_a_built_padding_mask_can_prove_a_layer_exact_but_never_accuses_it() -> None:
+    from verify_blocks import PaddingMaskBlock
+
+    torch.manual_seed(0)
+    exact = verify_random_ltd(RandomLayerTokenDrop(PaddingMaskBlock(), reserved_length=R), torch.randn(2, S, H))[0]
+    assert (exact.status, exact.method) == ("exact", "built mask:attention_mask"), exact
+    doubt = RandomLayerTokenDrop(PaddingMaskBlock(rope_from_length=True), reserved_length=R)
+    v = verify_random_ltd(doubt, torch.randn(2, S, H))[0]
+    assert (v.status, v.max_error) == ("unverifiable", None) and "not proof of a mistake" in v.cause, v
+    given = torch.ones(2, S, dtype=torch.long)  # with a real mask argument the same layer is judged wrong
+    assert verify_random_ltd(doubt, torch.randn(2, S, H), given)[0].status == "wrong"

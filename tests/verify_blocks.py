@@ -144,3 +144,24 @@ class LitBlock(nn.Module):
         ok = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < self.window)
         y = F.scaled_dot_product_attention(rope(q), rope(k), v, attn_mask=ok)
         return x + self.out(y.transpose(1, 2).reshape(b, t, H))
+
+
+class PaddingMaskBlock(nn.Module):
+    """Attention normalised by hand (no kernel the verifier sees) that takes a ``[B,S]`` 1/0 padding mask,
+    ``None`` when unpadded (as flash-attention layers do); ``rope_from_length`` adds the silent pattern."""
+
+    def __init__(self, rope_from_length: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.out, self.rope_from_length = nn.Linear(H, 3 * H), nn.Linear(H, H), rope_from_length
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, 1, H).transpose(1, 2) for z in self.qkv(x).split(H, -1))
+        if self.rope_from_length:
+            pos = torch.arange(t)[None].expand(b, t)
+            q, k = rotate(q, pos), rotate(k, pos)
+        scores = (q @ k.transpose(-1, -2))[:, 0] / math.sqrt(H)  # (B, T, T)
+        if attention_mask is not None:
+            scores = scores.masked_fill(attention_mask[:, None, :] == 0, -1e9)
+        e = (scores - scores.amax(-1, keepdim=True)).exp()
+        return x + self.out((e / e.sum(-1, keepdim=True)) @ v[:, 0])

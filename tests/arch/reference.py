@@ -378,7 +378,7 @@ def check_checkpointing(fam: Family, attn: str) -> bool:
     """
     grads = []
     for checkpointing in (False, True):
-        model = convert(build(fam.name, attn), fam)
+        model = convert(build(fam.name, attn), fam, verify="first")  # verified, and recomputes are not
         if checkpointing:
             if not model.supports_gradient_checkpointing:
                 return False
