@@ -314,7 +314,8 @@ def gen_legacy(rng: random.Random, work: Path) -> tuple[Path, bool]:
             parts[i] = with_payload(parts[i], work / CANARY, rng)
             hostile = True
         elif op == 3 and len(parts[5]) >= 8:  # a storage's element count
-            count = rng.choice([0, -1, 2**62, 2**63 - 1, struct.unpack("<q", parts[5][:8])[0] + rng.choice([1, -1])])
+            old = struct.unpack("<q", parts[5][:8])[0]
+            count = rng.choice([0, -1, 2**62, 2**63 - 1, min(max(old + rng.choice([1, -1]), -(2**63)), 2**63 - 1)])
             parts[5] = struct.pack("<q", count) + parts[5][8:]
         elif op == 4:  # cut or extend the storages
             parts[5] = parts[5][: rng.randrange(len(parts[5]) + 1)] if rng.random() < 0.5 else \
