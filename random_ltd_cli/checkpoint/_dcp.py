@@ -131,6 +131,12 @@ def _entries(path: Path, parsed: Parsed, data: bytes) -> _Entries:
             )
         found.keys.append(name)
         fields = _state(entry)
+        size = fields.get("size")
+        if isinstance(size, Instance) and not (  # torch.Size(<ints>), which unpickling builds
+            isinstance(size.args, tuple) and len(size.args) == 1 and isinstance(size.args[0], tuple | list)
+            and all(isinstance(d, int) for d in size.args[0])
+        ):
+            raise CorruptCheckpointError(f"{path}: the size of {describe(name)} is not a list of integers.")
         if "size" in fields and "properties" in fields:
             props = fields["properties"].state if isinstance(fields["properties"], Instance) else None
             dtype = props[0] if isinstance(props, tuple) and props else None

@@ -268,8 +268,9 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
         raise ZipLimitError(f"compressed tensor records inflate to more than {MAX_DEFLATED >> 30} GiB")
     for rec in deflated:  # torch.load does not check them: a corrupt one would load as garbage
         check_deflated(fd, rec)
-    if not any(f"{prefix}{name}" in records for name in ("version", ".data/version")):
-        raise ZipError("the archive has no version record, which torch.load requires")
+    version = records.get(f"{prefix}.data/version") or records.get(f"{prefix}version")  # as torch's reader
+    if version is None or not read_record(fd, version, limit=32).lstrip()[:1].isdigit():
+        raise ZipError("the archive has no version record with a number, which torch.load requires")
     order = records.get(f"{prefix}byteorder")  # torch.load fails on anything else
     if order is not None and read_record(fd, order, limit=16) not in (b"little", b"big"):
         raise ZipError("the byteorder record is neither 'little' nor 'big'")

@@ -241,7 +241,9 @@ def run_case(fmt: str, rng: random.Random, work: Path) -> str:
     return "ok"
 
 
-def run(cases: int, seed: int, *, formats: list[str] | None = None, stop_after: int = 20) -> Result:
+def run(
+    cases: int, seed: int, *, formats: list[str] | None = None, stop_after: int = 20, progress: bool = False,
+) -> Result:
     """``cases`` cases, formats in turn; case ``i``'s seed is ``seed * 1_000_003 + i``."""
     import torch
 
@@ -277,6 +279,9 @@ def run(cases: int, seed: int, *, formats: list[str] | None = None, stop_after: 
                 stats.cases += 1
                 stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
                 _remove(work)
+                if progress and (i + 1) % 1000 == 0:
+                    print(f"{i + 1} cases, {len(result.failures)} failures, {time.monotonic() - start:.0f} s",
+                          file=sys.stderr, flush=True)
                 if len(result.failures) >= stop_after:
                     break
     finally:
@@ -296,27 +301,31 @@ def _remove(work: Path) -> None:
 # --- the CLI on a sample ---------------------------------------------------------------------------
 
 
+_WRAPPER = (  # a fresh process without torch runs the CLI, so the child's peak RSS is its own (a child forked
+    # from this process would inherit this process's peak)
+    "import json, resource, subprocess, sys\n"
+    "out, err = open(sys.argv[1], 'wb'), open(sys.argv[2], 'wb')\n"
+    "try:\n"
+    "    rc = subprocess.run(sys.argv[4:], stdout=out, stderr=err, stdin=subprocess.DEVNULL,\n"
+    "                        timeout=float(sys.argv[3])).returncode\n"
+    "except subprocess.TimeoutExpired:\n"
+    "    rc = 'hang'\n"
+    "print(json.dumps([resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc]))\n"
+)
+
+
 def _cli(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str, str, float]:
     """Run ``random-ltd ARGS`` in a child; return (exit code, stdout, stderr, the child's peak RSS in MiB)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "random_ltd_cli", *args], stdout=out, stderr=err, cwd=cwd,
-                                stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                raise AssertionError(f"random-ltd {' '.join(args)} hung for {timeout} s")
-            time.sleep(0.02)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"), \
-            usage.ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "out", Path(tmp) / "err"
+        wrapped = subprocess.run(
+            [sys.executable, "-c", _WRAPPER, str(out), str(err), str(timeout), sys.executable, "-m", "random_ltd_cli",
+             *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
+        )  # fmt: skip
+        rss_kib, rc = json.loads(wrapped.stdout)
+        if rc == "hang":
+            raise AssertionError(f"random-ltd {' '.join(args)} hung for {timeout} s")
+        return rc, out.read_text(errors="replace"), err.read_text(errors="replace"), rss_kib / 1024
 
 
 def check_cli(args: list[str], cwd: Path, *, json_mode: bool) -> tuple[int, float]:
@@ -366,19 +375,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     formats = args.formats.split(",")
-    res = run(args.cases, args.seed, formats=formats, stop_after=10**9)
+    res = run(args.cases, args.seed, formats=formats, stop_after=10**9, progress=True)
     summary = {**res.summary(), "seed": args.seed, "case_timeout_s": CASE_TIMEOUT_S,
                "command": "python -m tests.checkpoint.fuzz_all " + " ".join(sys.argv[1:] if argv is None else argv),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"}
+    if args.json is not None:  # the in-process part first, in case the CLI part fails
+        args.json.write_text(json.dumps({**summary, "failure_details": res.failures}, indent=2) + "\n")
     if args.cli:
-        summary.update(cli_sample(args.cli, args.seed + 1, formats=formats))
+        try:
+            summary.update(cli_sample(args.cli, args.seed + 1, formats=formats))
+        except AssertionError as exc:
+            summary["cli_failure"] = str(exc)[:2000]
     print(json.dumps(summary, indent=2))
     for failure in res.failures[:5]:
         print(f"{failure['format']} seed {failure['seed']}: {failure['error']}\n{failure['traceback']}",
               file=sys.stderr)
     if args.json is not None:
         args.json.write_text(json.dumps({**summary, "failure_details": res.failures}, indent=2) + "\n")
-    return 1 if res.failures else 0
+    return 1 if res.failures or "cli_failure" in summary else 0
 
 
 if __name__ == "__main__":

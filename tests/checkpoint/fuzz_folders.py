@@ -196,13 +196,18 @@ def gen_dcp(rng: random.Random, work: Path) -> tuple[Path, bool]:
 # --- run folders -----------------------------------------------------------------------------------
 
 
+@functools.cache
+def _optimizer_bytes() -> bytes:
+    return zip_torch_save({"state": {}, "param_groups": []})
+
+
 def gen_run(rng: random.Random, work: Path) -> tuple[Path, bool]:
     """A Trainer ``output_dir`` (checkpoint-N folders), or a folder of standalone weights files."""
     root = work / "run"
     root.mkdir()
     hostile = False
     if rng.random() < 0.7:
-        for step in sorted(rng.sample(range(1, 100), rng.randint(1, 3))):
+        for step in sorted(rng.sample(range(1, 100), rng.randint(1, 2))):
             ck = root / f"checkpoint-{step}"
             ck.mkdir()
             (ck / "config.json").write_text('{"model_type": "gpt2"}')
@@ -214,7 +219,7 @@ def gen_run(rng: random.Random, work: Path) -> tuple[Path, bool]:
                 (ck / "model.safetensors").write_bytes(raw_mutation(rng, blob) if rng.random() < 0.25 else blob)
             else:
                 hostile |= _torch_file(rng, ck / "pytorch_model.bin", random_state(rng), mutate=0.25, payload=0.1)
-            (ck / "optimizer.pt").write_bytes(zip_torch_save({"state": {}, "param_groups": []}))
+            (ck / "optimizer.pt").write_bytes(_optimizer_bytes())
             (ck / "rng_state.pth").write_bytes(b"opaque side file, copied unchanged")
     else:
         for name in rng.sample(["a.safetensors", "b.pt", "c.bin", "d.ckpt"], rng.randint(2, 3)):

@@ -87,7 +87,7 @@ def _ops(data: bytes) -> list[tuple[int, int]]:
     return spans
 
 
-def system_payload(canary: Path, rng: random.Random) -> bytes:
+def system_payload(canary: Path, rng: random.Random, form: int | None = None) -> bytes:
     """Opcodes (no PROTO, no STOP) whose execution creates ``canary``; leaves one value on the stack."""
     cmd = f"touch {canary}".encode()
     code = f"__import__('os').system('touch {canary}')".encode()
@@ -112,7 +112,11 @@ def system_payload(canary: Path, rng: random.Random) -> bytes:
         # torch's own unsafe loader, given a nested legacy file whose first pickle runs the command
         b"ctorch.storage\n_load_from_bytes\n" + _bytes_arg(_nested(cmd)) + b"\x85R",
     ]
-    return rng.choice(forms)
+    return forms[form] if form is not None else rng.choice(forms)
+
+
+PAYLOAD_FORMS = 10
+"""How many payload forms :func:`system_payload` knows (GLOBAL/STACK_GLOBAL/INST/OBJ, os, posix, exec, eval...)."""
 
 
 def _bytes_arg(raw: bytes) -> bytes:
@@ -124,9 +128,11 @@ def _nested(cmd: bytes) -> bytes:
     return b"\x80\x02cos\nsystem\nX" + struct.pack("<I", len(cmd)) + cmd + b"\x85R."
 
 
-def with_payload(data: bytes, canary: Path, rng: random.Random) -> bytes:
+def with_payload(data: bytes, canary: Path, rng: random.Random, form: int | None = None) -> bytes:
     """``data`` with a payload inserted after PROTO (popped) or before STOP (popped)."""
-    payload = system_payload(canary, rng) + b"0"
+    payload = system_payload(canary, rng, form) + b"0"
+    if data[:1] == b"\x80" and b"\x93" in payload:  # STACK_GLOBAL resolves dotted names from protocol 4 on
+        data = b"\x80\x04" + data[2:]
     if data[:1] == b"\x80" and rng.random() < 0.6:
         return data[:2] + payload + data[2:]
     if data.endswith(b"."):
@@ -308,7 +314,8 @@ def gen_legacy(rng: random.Random, work: Path) -> tuple[Path, bool]:
             parts[i] = with_payload(parts[i], work / CANARY, rng)
             hostile = True
         elif op == 3 and len(parts[5]) >= 8:  # a storage's element count
-            count = rng.choice([0, -1, 2**62, 2**63 - 1, struct.unpack("<q", parts[5][:8])[0] + rng.choice([1, -1])])
+            old = struct.unpack("<q", parts[5][:8])[0]
+            count = rng.choice([0, -1, 2**62, 2**63 - 1, min(max(old + rng.choice([1, -1]), -(2**63)), 2**63 - 1)])
             parts[5] = struct.pack("<q", count) + parts[5][8:]
         elif op == 4:  # cut or extend the storages
             parts[5] = parts[5][: rng.randrange(len(parts[5]) + 1)] if rng.random() < 0.5 else \

@@ -66,6 +66,26 @@ def test_dcp_metadata_without_a_state_dict_map_is_refused(tmp_path: Path, value:
     _refused(folder, "has no state_dict_metadata map")
 
 
+def test_dcp_tensor_sizes_must_be_integers(tmp_path: Path) -> None:
+    """``torch.Size(((1,),))`` fails in pickle.load (dcp.load); it was accepted."""
+    meta, files = _dcp_templates()[0]
+    folder = tmp_path / "dcp"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    md = pickle.loads(meta)
+    entry = next(iter(md.state_dict_metadata.values()))
+    data = _unframed(md)
+    size = _unframed(entry.size)[2:-1]  # the opcodes that build torch.Size((3, 2))
+    assert data.count(size) >= 1
+    bad = size.replace(b"K\x03K\x02\x86", b"K\x03\x85K\x02\x86")  # (3, 2) -> ((3,), 2)
+    assert bad != size
+    (folder / ".metadata").write_bytes(data.replace(size, bad, 1))
+    with pytest.raises(TypeError):
+        pickle.loads((folder / ".metadata").read_bytes())
+    _refused(folder, "is not a list of integers")
+
+
 # --- torch ZIP archives: what torch.load itself requires or does not check -----------------------------
 
 
@@ -87,6 +107,8 @@ def _changed(entries: list[tuple[str, bytes]], suffix: str, content: bytes | Non
         ("/byteorder", b"\x9f\x00", "byteorder record is neither"),
         ("/.storage_alignment", b"64\x00\x00", "storage_alignment record is not a number"),
         ("/version", None, "no version record"),
+        ("/version", b"", "no version record"),
+        ("/version", b"x3", "no version record"),
     ],
 )
 def test_records_torch_load_requires(tmp_path: Path, suffix: str, content: bytes | None, match: str) -> None:
