@@ -234,7 +234,7 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
         raise ZipError(f"the record {strays[0]!r} lies outside the archive folder {prefix!r}")
     data = read_record(fd, record, limit=MAX_PICKLE)
     parsed = guard(parse(data))
-    for key, (type_name, numel) in storages(parsed.root).items():
+    for key, (type_name, numel) in storages(parsed).items():
         rec = records.get(f"{prefix}data/{key}")
         need = numel * ITEMSIZE[type_name]
         if rec is None or rec.usize != need:  # torch.load refuses a record of any other size

@@ -12,12 +12,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ..errors import CheckpointError
 from ._io import pread_exact
-from ._pickle import Global, Parsed, Persistent, PickleError, PickleLimitError, PickleTruncatedError, describe, parse
-from ._torch_names import walk
+from ._pickle import Global, Parsed, PickleError, PickleLimitError, PickleTruncatedError, describe, parse
 
 __all__ = ["ITEMSIZE", "LEGACY_MAGIC", "MAX_PICKLE", "parse_at", "read_legacy", "storages"]
 
@@ -74,27 +72,34 @@ ITEMSIZE = {
 }  # fmt: skip
 
 
-def storages(root: Any) -> dict[str, tuple[str, int]]:
-    """Storage key -> (storage class name, element count), from the persistent ids in the tree.
+def storages(parsed: Parsed, *, legacy: bool = False) -> dict[str, tuple[str, int]]:
+    """Storage key -> (storage class name, element count), from every persistent id the pickle loads.
 
     Raises:
-        PickleError: a storage of an unknown type, or a negative or contradictory element count.
+        PickleError: a persistent id torch.load cannot use (``("storage", type, key, location, count)``,
+            and a view's metadata after it in a legacy file), a storage of an unknown type, or a
+            negative or contradictory element count.
     """
     found: dict[str, tuple[str, int]] = {}
-    for node in walk(root):
-        if isinstance(node, Persistent) and isinstance(node.pid, tuple) and len(node.pid) >= 5:
-            _, kind, key, _, numel = node.pid[:5]
-            if isinstance(kind, Global) and isinstance(key, str) and type(numel) is int:
-                if kind.name not in ITEMSIZE or numel < 0:
-                    raise PickleError(f"storage {describe(key)} has type {describe(kind.name)} and {numel} elements")
-                if found.setdefault(str(key), (kind.name, numel)) != (kind.name, numel):
-                    raise PickleError(f"storage {describe(key)} is described twice, differently")
+    for node in parsed.persistents:
+        pid = node.pid
+        if not (
+            isinstance(pid, tuple) and len(pid) == (6 if legacy else 5) and pid[0] == "storage"
+            and isinstance(pid[1], Global) and isinstance(pid[2], str) and isinstance(pid[3], str)
+            and type(pid[4]) is int
+        ):
+            raise PickleError(f"a persistent id that torch.load cannot use ({describe(pid)})")
+        _, kind, key, _, numel = pid[:5]
+        if kind.name not in ITEMSIZE or numel < 0:
+            raise PickleError(f"storage {describe(key)} has type {describe(kind.name)} and {numel} elements")
+        if found.setdefault(str(key), (kind.name, numel)) != (kind.name, numel):
+            raise PickleError(f"storage {describe(key)} is described twice, differently")
     return found
 
 
 def _check_storages(fd: int, parsed: Parsed, keys: Parsed, size: int) -> None:
     """Walk the raw storages after the pickles (element counts only) and check that they end at EOF."""
-    found = storages(parsed.root)
+    found = storages(parsed, legacy=True)
     listed = keys.root
     if (
         not isinstance(listed, list)

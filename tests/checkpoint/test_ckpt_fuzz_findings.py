@@ -83,7 +83,7 @@ def test_dcp_tensor_sizes_must_be_integers(tmp_path: Path) -> None:
     (folder / ".metadata").write_bytes(data.replace(size, bad, 1))
     with pytest.raises(TypeError):
         pickle.loads((folder / ".metadata").read_bytes())
-    _refused(folder, "is not a list of integers")
+    _refused(folder, "a tensor size is not a list of integers")
 
 
 # --- torch ZIP archives: what torch.load itself requires or does not check -----------------------------
@@ -134,3 +134,17 @@ def test_a_compressed_tensor_record_is_checked(tmp_path: Path) -> None:
     assert inspect_checkpoint(good).tensor_count == 2  # deflated for real: read as torch reads it
     out = strip_checkpoint(good, tmp_path / "good.out.pt").output
     assert set(torch.load(out, weights_only=True)) == {"h.0.w", "b"}
+
+
+SHORT_PID = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000t"  # ("storage", type, key)
+
+
+@pytest.mark.parametrize("pid", [SHORT_PID, b"(X\x01\x00\x00\x00xt", b"N"])
+def test_persistent_ids_torch_cannot_use_are_refused(tmp_path: Path, pid: bytes) -> None:
+    """``("storage", type, key)`` (3 items) failed in torch.load's persistent_load; it was accepted."""
+    entries = _entries()
+    pkl = next(i for i, (n, _) in enumerate(entries) if n.endswith("/data.pkl"))
+    name, clean = entries[pkl]
+    entries[pkl] = (name, clean[:2] + pid + b"Q0" + clean[2:])  # BINPERSID, then POP
+    path = write_zip(tmp_path / "m.pt", entries)
+    _refused(path, "persistent id that torch.load cannot use")

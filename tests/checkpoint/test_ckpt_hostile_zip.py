@@ -165,7 +165,7 @@ def test_cli_one_error_line_and_nothing_written(tmp_path: Path, entries: list[tu
 def test_legacy_storage_of_unknown_type_is_refused(tmp_path: Path) -> None:
     main = (
         b"\x80\x02}X\x01\x00\x00\x00w(X\x07\x00\x00\x00storagectorch\nEvilStorage\n"
-        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x03tQs."
+        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x03NtQs."
     )
     path = tmp_path / "l.pt"
     path.write_bytes(legacy_bytes(main, [("0", 3, b"\0" * 12)]))
