@@ -38,6 +38,7 @@ from hostile_files import (  # noqa: E402  (the shared builders live with the te
     deep_key_pickle,
     deflate_bomb,
     legacy_torch_save,
+    pickle_zip,
     raw_zip,
     split_legacy,
     zip_entries,
@@ -51,11 +52,12 @@ CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "random_ltd
 
 
 def _stored_zip(path: Path, pkl: bytes) -> Path:
-    return raw_zip(path, [("archive/data.pkl", 0, pkl, len(pkl), zlib.crc32(pkl))])
+    return pickle_zip(path, pkl)
 
 
 def _spam(path: Path, opcode: bytes, count: int) -> Path:
-    return _stored_zip(path, b"\x80\x04(" + opcode * count + b"l.")
+    """A list of ``count`` objects made by ``opcode``, in opcodes torch's weights-only unpickler reads."""
+    return _stored_zip(path, b"\x80\x02](" + opcode * count + b"e.")
 
 
 def _tensors(path: Path, count: int) -> Path:

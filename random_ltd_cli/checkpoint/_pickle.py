@@ -91,6 +91,7 @@ class Parsed:
     globals: list[Global] = field(default_factory=list)
     frames: list[tuple[int, int]] = field(default_factory=list)  # (offset of a FRAME opcode, frame length)
     persistents: list[Persistent] = field(default_factory=list)  # every persistent id loaded, reachable or not
+    opcodes: set[str] = field(default_factory=set)  # the names of the opcodes the stream uses
 
 
 def parse(data: bytes, offset: int = 0, *, base: int = 0) -> Parsed:
@@ -122,7 +123,7 @@ def parse(data: bytes, offset: int = 0, *, base: int = 0) -> Parsed:
         raise PickleTruncatedError("the pickle ends before its STOP opcode (truncated)")
     return Parsed(
         machine.result, base + offset, base + stream.tell(), machine.protocol, list(machine.globals.values()),
-        machine.frames, machine.persistents,
+        machine.frames, machine.persistents, machine.opcodes,
     )
 
 
@@ -142,6 +143,7 @@ class _Machine:
         self.protocol = 0
         self.frames: list[tuple[int, int]] = []
         self.persistents: list[Persistent] = []
+        self.opcodes: set[str] = set()
         self.done = False
         self.result: Any = None
         self.cost = 0
@@ -226,6 +228,7 @@ class _Machine:
         if self.ops > MAX_OPS:
             raise PickleLimitError(f"the pickle runs more than {MAX_OPS} opcodes (this reader's time budget)")
         self.cost += OP_COST
+        self.opcodes.add(name)
         handler = HANDLERS.get(name)
         if handler is not None:  # the common case first: memo, tuples, calls, items
             handler(self, arg)

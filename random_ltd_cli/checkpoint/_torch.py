@@ -37,6 +37,7 @@ from ._copy import copy_patched
 from ._io import Progress, copy_range, write_at
 from ._pickle import (
     Global,
+    Instance,
     Parsed,
     PickleError,
     PickleLimitError,
@@ -45,7 +46,8 @@ from ._pickle import (
     parse,
     substitute,
 )
-from ._torch_legacy import ITEMSIZE, MAX_PICKLE, read_legacy, storages
+from ._torch_checks import ITEMSIZE, check_loaded_ids, check_small_records, check_tensors, storages
+from ._torch_legacy import MAX_PICKLE, read_legacy
 from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta
 from ._zip import ZipError, ZipLimitError, ZipRecord, check_deflated, patch_record, read_directory, read_record
 
@@ -120,6 +122,17 @@ class TorchFile:
     globals: list[Global] = field(default_factory=list)  # of every pickle in the file, in order
 
 
+WEIGHTS_ONLY_OPCODES = frozenset(
+    {
+        "GLOBAL", "NEWOBJ", "REDUCE", "BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "MARK", "TUPLE",
+        "TUPLE1", "TUPLE2", "TUPLE3", "NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT",
+        "EMPTY_SET", "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE", "SHORT_BINSTRING", "BINPERSID",
+        "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT", "LONG1", "PROTO", "STOP",
+    }
+)  # fmt: skip
+"""The opcodes torch's weights-only unpickler executes (torch/_weights_only_unpickler.py); others it refuses."""
+
+
 class _Guard:
     """Collects the globals of every pickle read from one file and refuses unsafe ones at once."""
 
@@ -131,6 +144,13 @@ class _Guard:
             self.seen.setdefault((g.module, g.name), g)
         if not self.trust:
             _refuse_unsafe(self.path, parsed.globals)
+            other = sorted(parsed.opcodes - WEIGHTS_ONLY_OPCODES)
+            if other:
+                raise UnsafePickleError(
+                    f"{self.path} uses pickle opcodes that torch.load(weights_only=True) does not read: "
+                    f"{', '.join(other)} (a pickle protocol above 2, or a hand-made pickle). Loading it needs "
+                    "weights_only=False; only if you trust its source, pass --trust-pickle (trust_pickle=True)."
+                )
         return parsed
 
 
@@ -232,9 +252,14 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
     strays = [name for name in records if not name.startswith(prefix)]
     if strays:
         raise ZipError(f"the record {strays[0]!r} lies outside the archive folder {prefix!r}")
+    check_small_records(fd, records, prefix)
     data = read_record(fd, record, limit=MAX_PICKLE)
     parsed = guard(parse(data))
-    for key, (type_name, numel) in storages(parsed).items():
+    calls: list[Instance] = []
+    found = storages([parsed.root, parsed.persistents], calls)  # every persistent id loaded, reachable or not
+    check_loaded_ids(parsed.persistents, width=5)
+    check_tensors(calls, found)
+    for key, (type_name, numel) in found.items():
         rec = records.get(f"{prefix}data/{key}")
         need = numel * ITEMSIZE[type_name]
         if rec is None or rec.usize != need:  # torch.load refuses a record of any other size
@@ -244,12 +269,6 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
         raise ZipLimitError(f"compressed tensor records inflate to more than {MAX_DEFLATED >> 30} GiB")
     for rec in deflated:  # torch.load does not check them: a corrupt one would load as garbage
         check_deflated(fd, rec)
-    version = records.get(f"{prefix}.data/version") or records.get(f"{prefix}version")  # as torch's reader
-    if version is None or not read_record(fd, version, limit=32).lstrip()[:1].isdigit():
-        raise ZipError("the archive has no version record with a number, which torch.load requires")
-    order = records.get(f"{prefix}byteorder")  # torch.load fails on anything else
-    if order is not None and read_record(fd, order, limit=16) not in (b"little", b"big"):
-        raise ZipError("the byteorder record is neither 'little' nor 'big'")
     alignment = records.get(f"{prefix}.storage_alignment")  # torch.load reads it with int()
     if alignment is not None and not read_record(fd, alignment, limit=32).strip().isdigit():
         raise ZipError("the .storage_alignment record is not a number")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ._io import pread_exact
-from ._pickle import Global, Parsed, PickleError, PickleLimitError, PickleTruncatedError, describe, parse
+from ._pickle import Instance, Parsed, PickleError, PickleLimitError, PickleTruncatedError, describe, parse
+from ._torch_checks import ITEMSIZE, check_loaded_ids, check_tensors, storages
 
-__all__ = ["ITEMSIZE", "LEGACY_MAGIC", "MAX_PICKLE", "parse_at", "read_legacy", "storages"]
+__all__ = ["LEGACY_MAGIC", "MAX_PICKLE", "parse_at", "read_legacy"]
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -64,42 +65,12 @@ def read_legacy(path: Path, fd: int, size: int, guard: Callable[[Parsed], Parsed
     return parsed, data
 
 
-ITEMSIZE = {
-    "FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
-    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
-    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "QInt8Storage": 1, "QUInt8Storage": 1,
-    "QInt32Storage": 4, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1, "UntypedStorage": 1,
-}  # fmt: skip
-
-
-def storages(parsed: Parsed, *, legacy: bool = False) -> dict[str, tuple[str, int]]:
-    """Storage key -> (storage class name, element count), from every persistent id the pickle loads.
-
-    Raises:
-        PickleError: a persistent id torch.load cannot use (``("storage", type, key, location, count)``,
-            and a view's metadata after it in a legacy file), a storage of an unknown type, or a
-            negative or contradictory element count.
-    """
-    found: dict[str, tuple[str, int]] = {}
-    for node in parsed.persistents:
-        pid = node.pid
-        if not (
-            isinstance(pid, tuple) and len(pid) == (6 if legacy else 5) and pid[0] == "storage"
-            and isinstance(pid[1], Global) and isinstance(pid[2], str) and isinstance(pid[3], str)
-            and type(pid[4]) is int
-        ):
-            raise PickleError(f"a persistent id that torch.load cannot use ({describe(pid)})")
-        _, kind, key, _, numel = pid[:5]
-        if kind.name not in ITEMSIZE or numel < 0:
-            raise PickleError(f"storage {describe(key)} has type {describe(kind.name)} and {numel} elements")
-        if found.setdefault(str(key), (kind.name, numel)) != (kind.name, numel):
-            raise PickleError(f"storage {describe(key)} is described twice, differently")
-    return found
-
-
 def _check_storages(fd: int, parsed: Parsed, keys: Parsed, size: int) -> None:
     """Walk the raw storages after the pickles (element counts only) and check that they end at EOF."""
-    found = storages(parsed, legacy=True)
+    calls: list[Instance] = []
+    found = storages([parsed.root, parsed.persistents], calls)  # every persistent id loaded, reachable or not
+    check_loaded_ids(parsed.persistents, width=6)
+    check_tensors(calls, found)
     listed = keys.root
     if (
         not isinstance(listed, list)

@@ -30,6 +30,7 @@ _LOCAL = b"PK\x03\x04"
 _DESCRIPTOR = b"PK\x07\x08"
 _PAD_ID = 0x4C52  # our extra-field id for padding ("RL")
 _U32 = 0xFFFFFFFF
+_KNOWN_FLAGS = 0x080E  # deflate options, data descriptor, UTF-8 names
 
 
 class ZipError(Exception):
@@ -83,14 +84,18 @@ def _find_eocd(fd: int, size: int) -> tuple[int, int, int, int]:
     wide = count == 0xFFFF or cd_size == _U32 or cd_offset == _U32
     locator = pread_exact(fd, 20, eocd - 20) if eocd >= 20 else b""
     if locator[:4] == _LOCATOR64:  # torch writes the ZIP64 end records even for small archives
-        (eocd64,) = struct.unpack("<Q", locator[8:16])
+        disk64, eocd64, disks = struct.unpack("<IQI", locator[4:20])
+        if disk64 != 0 or disks != 1:
+            raise ZipError("a multi-volume (spanned) ZIP archive")
         if eocd64 + 56 > eocd - 20:
             raise ZipError("the ZIP64 end-of-archive record lies outside the archive")
         record = pread_exact(fd, 56, eocd64)
         (record_size,) = struct.unpack("<Q", record[4:12])
         if record[:4] != _EOCD64 or eocd64 + 12 + record_size != eocd - 20:
             raise ZipError("ZIP64 end-of-archive record missing or misplaced")
-        count64, total64, size64, offset64 = struct.unpack("<QQQQ", record[24:56])
+        volume, cd_volume, count64, total64, size64, offset64 = struct.unpack("<IIQQQQ", record[16:56])
+        if volume != 0 or cd_volume != 0:
+            raise ZipError("a multi-volume (spanned) ZIP archive")
         for short, full, saturated in ((count, total64, 0xFFFF), (cd_size, size64, _U32), (cd_offset, offset64, _U32)):
             if short not in (full, saturated):
                 raise ZipError("the ZIP64 and classic end-of-archive records disagree")
@@ -172,11 +177,15 @@ def _read_directory(fd: int) -> dict[str, ZipRecord]:
         flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len = struct.unpack(
             "<HHHHIIIHHH", directory[at + 8 : at + 34]
         )
-        (header_offset,) = struct.unpack("<I", directory[at + 42 : at + 46])
+        disk, _, attributes, header_offset = struct.unpack("<HHII", directory[at + 34 : at + 46])
+        if disk != 0:
+            raise ZipError("a multi-volume (spanned) ZIP archive")
+        if attributes & 0x10 or (attributes >> 16) & 0o170000 == 0o040000:
+            raise ZipError("an entry is marked as a folder; torch's reader would not read it as a record")
         if at + 46 + name_len + extra_len + comment_len > len(directory):
             raise ZipError("corrupted central directory (an entry runs past its end)")
         raw_name = directory[at + 46 : at + 46 + name_len]
-        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        name = raw_name.decode("utf-8")  # torch decodes every name as UTF-8, whatever the flag says
         check_name(name)
         if name in records:
             raise ZipError(f"the archive holds two records named {name!r}; readers disagree on which one counts")
@@ -200,8 +209,10 @@ def _read_directory(fd: int) -> dict[str, ZipRecord]:
 
 
 def _check_entry(rec: ZipRecord) -> None:
-    if rec.flags & 0x41:
+    if rec.flags & 0x2041:
         raise ZipError(f"record {rec.name!r} is encrypted")
+    if rec.flags & ~_KNOWN_FLAGS:
+        raise ZipError(f"record {rec.name!r} uses ZIP features torch does not read (flags {rec.flags:#06x})")
     if rec.method not in (0, 8):
         raise ZipError(f"record {rec.name!r} uses compression method {rec.method} (only stored and deflated are read)")
     if rec.method == 0 and rec.csize != rec.usize:

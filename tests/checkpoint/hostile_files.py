@@ -149,7 +149,16 @@ def deflate_bomb(path: Path, *, inflated: int, declared: int | None = None, crc:
     for _ in range(count - 1):
         true_crc = zlib.crc32(zero_mb, true_crc)
     usize = declared if declared is not None else count * chunk
-    return raw_zip(path, [("archive/data.pkl", 8, body, usize, crc if crc is not None else true_crc)])
+    return raw_zip(path, [("archive/data.pkl", 8, body, usize, crc if crc is not None else true_crc), VERSION])
+
+
+VERSION = ("archive/version", 0, b"3\n", 2, zlib.crc32(b"3\n"))
+"""The format-version record torch requires, as a :func:`raw_zip` record."""
+
+
+def pickle_zip(path: Path, pkl: bytes) -> Path:
+    """A minimal torch-shaped ZIP: ``archive/data.pkl`` (stored) and the version record."""
+    return raw_zip(path, [("archive/data.pkl", 0, pkl, len(pkl), zlib.crc32(pkl)), VERSION])
 
 
 def raw_zip(

@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from .hostile_files import (
     deep_key_pickle,
     deflate_bomb,
     legacy_torch_save,
-    raw_zip,
+    pickle_zip,
     split_legacy,
     unframed_dumps,
     with_payload,
@@ -251,8 +250,8 @@ def _bombs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 def _budget_bomb(path: Path) -> Path:
     """A 6 MiB data.pkl of empty sets (224 bytes each in memory): past the object budget."""
-    pkl = b"\x80\x04(" + b"\x8f" * (6 << 20) + b"l."
-    return raw_zip(path, [("archive/data.pkl", 0, pkl, len(pkl), zlib.crc32(pkl))])
+    pkl = b"\x80\x02](" + b"\x8f" * (6 << 20) + b"e."
+    return pickle_zip(path, pkl)
 
 
 def test_bombs_stay_within_the_memory_budget(tmp_path: Path) -> None:
@@ -273,7 +272,7 @@ def test_huge_lengths_are_refused_before_allocation(tmp_path: Path, opcode: byte
     parts = split_legacy(legacy_torch_save(STATE))
     legacy = tmp_path / "legacy.pt"
     legacy.write_bytes(b"".join([*parts[:3], field, *parts[4:]]))
-    zipped = raw_zip(tmp_path / "zip.pt", [("archive/data.pkl", 0, field, len(field), zlib.crc32(field))])
+    zipped = pickle_zip(tmp_path / "zip.pt", field)
     for path in (bare, legacy, zipped):
         with pytest.raises(CorruptCheckpointError, match="ends before its STOP opcode"):
             inspect_checkpoint(path)

@@ -250,8 +250,80 @@ def test_metadata_values_are_plain_and_short(tmp_path: Path) -> None:
     for _ in range(200):
         nested = [nested]
     path = tmp_path / "meta.pt"
-    torch.save({"state_dict": STATE, "random_ltd": nested, "step": 2**5000, "name": "x"}, path)
+    torch.save({"state_dict": STATE, "random_ltd": nested, "step": 2**2000, "name": "x"}, path)
     info = inspect_checkpoint(path)
     assert info.metadata["random_ltd"] == "a list of 1 items"
-    assert info.metadata["step"] == "an integer of 5001 bits" and info.metadata["name"] == "x"
+    assert info.metadata["step"] == "an integer of 2001 bits" and info.metadata["name"] == "x"
     json.dumps(info.to_dict())
+
+
+# --- what torch.load checks besides the ZIP structure ---------------------------------------------------
+
+
+def _with_record(entries: list[tuple[str, bytes]], name: str, body: bytes | None) -> list[tuple[str, bytes]]:
+    """``entries`` with the record ``name`` replaced by ``body`` (dropped if None)."""
+    return [(n, body if n == name else c) for n, c in entries if n != name or body is not None]
+
+
+RECORD_CASES = {
+    "no version": ("archive/version", None, "has no version record"),
+    "version not a number": ("archive/version", b"x\n", "version record holds b'x'"),
+    "byteorder": ("archive/byteorder", b"middle", "neither 'little' nor 'big'"),
+    "serialization id": ("archive/.data/serialization_id", b"\xff\xfe", "serialization_id record is not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECORD_CASES))
+def test_small_records_torch_reads(tmp_path: Path, entries: list[tuple[str, bytes]], case: str) -> None:
+    name, body, message = RECORD_CASES[case]
+    assert any(n == name for n, _ in entries)
+    path = write_zip(tmp_path / "r.pt", _with_record(entries, name, body))
+    with pytest.raises(Exception):  # noqa: B017  (torch's own error types vary: RuntimeError, ValueError...)
+        torch.load(path, weights_only=True)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        inspect_checkpoint(path)
+
+
+def test_entries_marked_as_folders_and_unknown_flags(tmp_path: Path, entries: list[tuple[str, bytes]]) -> None:
+    path = raw_zip(tmp_path / "f.pt", _stored(entries))
+    data = bytearray(path.read_bytes())
+    entry = bytes(data).index(b"PK\x01\x02")
+    struct.pack_into("<I", data, entry + 38, 0x10)  # MS-DOS folder attribute on archive/data.pkl
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="marked as a folder"):
+        inspect_checkpoint(path)
+    path = raw_zip(tmp_path / "g.pt", _stored(entries), flags=0x4000)
+    with pytest.raises(CorruptCheckpointError, match="ZIP features torch does not read"):
+        inspect_checkpoint(path)
+
+
+def _patched_pickle(tmp_path: Path, entries: list[tuple[str, bytes]], old: bytes, new: bytes) -> Path:
+    pkl = dict(entries)["archive/data.pkl"]
+    assert pkl.count(old) == 1, old
+    return write_zip(tmp_path / "p.pt", _with_record(entries, "archive/data.pkl", pkl.replace(old, new)))
+
+
+def test_tensor_records_are_checked_as_torch_does(tmp_path: Path, entries: list[tuple[str, bytes]]) -> None:
+    pkl = dict(entries)["archive/data.pkl"]
+    assert b"K\x06\x85" in pkl  # the 6-element float tensor's size (6,)
+    cases = {
+        b"K\x06\x85": (b"K\x07\x85", "reaches past its storage of 6 elements"),  # size 7 in a storage of 6
+        b"X\x07\x00\x00\x00storage": (b"X\x07\x00\x00\x00storagf", "persistent id is not a tensor storage"),
+    }
+    for old, (new, message) in cases.items():
+        path = _patched_pickle(tmp_path, entries, old, new)
+        with pytest.raises(Exception):  # noqa: B017
+            torch.load(path, weights_only=True)
+        with pytest.raises(CorruptCheckpointError, match=message):
+            inspect_checkpoint(path)
+
+
+def test_rebuild_arity_is_checked(tmp_path: Path) -> None:
+    main = (
+        b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\n"
+        b"FloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x03NtQK\x00K\x03\x85K\x01\x85tRs."
+    )  # _rebuild_tensor_v2(storage, 0, (3,), (1,)): two arguments short
+    path = tmp_path / "l.pt"
+    path.write_bytes(legacy_bytes(main, [("0", 3, b"\0" * 12)]))
+    with pytest.raises(CorruptCheckpointError, match="_rebuild_tensor_v2 has 4 arguments"):
+        inspect_checkpoint(path)
