@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, MalformedCheckpointError
+from ..errors import MalformedCheckpointError
 from ..keys import strip_key
 from ._common import TensorInfo, plain_metadata
 from ._fs import read_file, require_file
@@ -92,7 +92,7 @@ def model_state_files(root: Path) -> list[str]:
         name = _read_latest(latest)
         chosen = [t for t in tags if t.name == name]
         if not chosen:
-            raise CheckpointError(
+            raise MalformedCheckpointError(
                 f"{latest} names the tag {name!r}, but {root} has no such folder with state files; "
                 "fix 'latest' or copy the missing tag."
             )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MalformedCheckpointError
 from ..keys import strip_key
 from . import _dcp
 from ._adapter import check_adapter_config
@@ -98,7 +98,7 @@ def plan_dir(root: Path, fmt: str, *, trust_pickle: bool) -> DirPlan:
         for name, shard in index.weight_map.items():
             shard_names = plan.files[shard].weights
             if name not in shard_names and strip_key(name) not in shard_names.values():
-                raise CheckpointError(
+                raise MalformedCheckpointError(
                     f"{root / index.name} says {name!r} is in {shard!r}, but that shard has no such tensor; "
                     "the checkpoint is inconsistent. Re-save or re-download it."
                 )

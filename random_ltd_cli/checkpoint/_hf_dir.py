@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import CheckpointError, KeyCollisionError, MalformedCheckpointError
+from ..errors import KeyCollisionError, MalformedCheckpointError
 from ..keys import rename_keys
 from ._fs import path_exists, require_file
 from ._jsonio import load_file
@@ -43,7 +43,7 @@ class Index:
 
 
 def check_shard_name(index: Path, shard: Any) -> str:
-    """Return ``shard`` if it names a file inside the index's folder, else raise CheckpointError.
+    """Return ``shard`` if it names a file inside the index's folder, else raise MalformedCheckpointError.
 
     Refused: non-strings, empty names, absolute paths, drive letters, backslashes, and any
     ``..`` or ``.`` segment (so no shard name can reach outside the folder).
@@ -51,7 +51,7 @@ def check_shard_name(index: Path, shard: Any) -> str:
     bad = not isinstance(shard, str) or not shard or "\\" in shard or "\0" in shard or ":" in shard
     parts = PurePosixPath(shard).parts if isinstance(shard, str) else ()
     if bad or shard.startswith("/") or any(p in ("", ".", "..") for p in parts) or "//" in shard:
-        raise CheckpointError(
+        raise MalformedCheckpointError(
             f"{index} names the shard {shard!r}, which is not a plain file name inside its folder; "
             "refusing to open it. Fix the index's weight_map (shard names must be relative, without '..')."
         )
@@ -76,7 +76,7 @@ def _read_index(root: Path, name: str) -> Index | None:
         if path_exists(root / shard):
             require_file(root / shard, what="shard")  # a FIFO or folder under a shard's name: refused
         else:
-            raise CheckpointError(
+            raise MalformedCheckpointError(
                 f"{path} lists the shard {shard!r}, which is missing from {root}. "
                 "Copy or download the missing shard, then retry."
             )

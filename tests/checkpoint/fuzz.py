@@ -267,6 +267,7 @@ class Result:
     failures: list[dict[str, Any]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    cli_runs: int = 0
 
 
 def snapshot(path: Path) -> dict[str, str]:
@@ -304,8 +305,28 @@ def _alarm(signum: int, frame: Any) -> None:
     raise TimeoutError(f"case took more than {CASE_TIMEOUT_S} s")
 
 
-def run_case(rng: random.Random, work: Path) -> str:
-    """One case in the empty folder ``work``: ``"refused:<Error>"`` or ``"ok"``; raises on a failure."""
+def check_cli(src: Path, out: Path, refused: bool) -> None:
+    """The real CLI on the same input agrees: exit 1 with one ``Error:`` line and a JSON error, or exit 0."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "random_ltd_cli", "strip", str(src), "-o", str(out), "--json"],
+                          capture_output=True, text=True, env=env, timeout=CASE_TIMEOUT_S, check=False)
+    data = json.loads(proc.stdout)  # one JSON document, result or error
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    if refused:
+        assert proc.returncode == 1 and "error" in data, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr[-2000:]
+        assert not out.exists() and not out.is_symlink(), "CLI wrote an output despite the error"
+    else:
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def run_case(rng: random.Random, work: Path, *, cli: bool = False) -> str:
+    """One case in the empty folder ``work``: ``"refused:<Error>"`` or ``"ok"``; raises on a failure.
+
+    With ``cli``, the real CLI (a subprocess) strips the same input too and must agree.
+    """
     if rng.random() < 0.7:
         src = work / "m.safetensors"
         tensors = random_tensors(rng)
@@ -329,14 +350,21 @@ def run_case(rng: random.Random, work: Path) -> str:
         assert not out.exists() and not out.is_symlink(), "output written despite the error"
         assert not [p for p in work.iterdir() if p.name.endswith(".tmp")], "temporary file left"
         assert snapshot(src) == before, "input changed"
+        if cli:
+            check_cli(src, work / ("cli-" + out.name), refused=True)
         return f"refused:{type(exc).__name__}"
     assert snapshot(src) == before, "input changed"
     check_loads(src, out)
+    if cli:
+        check_cli(src, work / ("cli-" + out.name), refused=False)
     return "ok"
 
 
-def run(cases: int, seed: int, *, stop_after: int = 20) -> Result:
-    """Run ``cases`` seeded cases; each case's own seed is ``seed * 1_000_003 + i``."""
+def run(cases: int, seed: int, *, stop_after: int = 20, cli_every: int = 0) -> Result:
+    """Run ``cases`` seeded cases; each case's own seed is ``seed * 1_000_003 + i``.
+
+    Every ``cli_every``-th case (0: none) is also run through the real CLI in a subprocess.
+    """
     result = Result()
     start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, _alarm)
@@ -348,7 +376,7 @@ def run(cases: int, seed: int, *, stop_after: int = 20) -> Result:
                 case_seed = seed * 1_000_003 + i
                 signal.alarm(CASE_TIMEOUT_S)
                 try:
-                    outcome = run_case(random.Random(case_seed), work)
+                    outcome = run_case(random.Random(case_seed), work, cli=bool(cli_every) and i % cli_every == 0)
                 except BaseException as exc:  # every other outcome is a finding
                     if isinstance(exc, KeyboardInterrupt):
                         raise
@@ -358,6 +386,7 @@ def run(cases: int, seed: int, *, stop_after: int = 20) -> Result:
                 finally:
                     signal.alarm(0)
                 result.cases += 1
+                result.cli_runs += bool(cli_every) and i % cli_every == 0
                 if outcome.startswith("refused:"):
                     result.refused += 1
                     result.errors[outcome[8:]] = result.errors.get(outcome[8:], 0) + 1
@@ -377,9 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--cli-every", type=int, default=50, help="also run every Nth case through the CLI (0: none)")
     args = parser.parse_args(argv)
-    res = run(args.cases, args.seed, stop_after=10**9)
-    summary = {"cases": res.cases, "refused": res.refused, "accepted": res.accepted, "errors": res.errors,
+    res = run(args.cases, args.seed, stop_after=10**9, cli_every=args.cli_every)
+    summary = {"cases": res.cases, "cli_runs": res.cli_runs, "refused": res.refused, "accepted": res.accepted,
+               "errors": res.errors,
                "failures": len(res.failures), "seconds": round(res.seconds, 1), "seed": args.seed}
     print(json.dumps(summary, indent=2))
     for failure in res.failures[:5]:

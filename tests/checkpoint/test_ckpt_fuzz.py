@@ -14,6 +14,7 @@ from .fuzz import run
 
 @pytest.mark.parametrize("seed", [11, 12])
 def test_fuzz_safetensors_and_folders(seed: int) -> None:
-    result = run(250, seed, stop_after=3)
+    result = run(250, seed, stop_after=3, cli_every=50)  # 5 of them through the real CLI too
     assert not result.failures, "\n\n".join(f"seed {f['seed']}: {f['traceback']}" for f in result.failures)
-    assert result.cases == 250 and result.refused > 0 and result.accepted > 0  # both outcomes are exercised
+    assert result.cases == 250 and result.cli_runs == 5
+    assert result.refused > 0 and result.accepted > 0  # both outcomes are exercised
