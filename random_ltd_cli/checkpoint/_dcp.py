@@ -45,7 +45,7 @@ from ._pickle import (
     substitute,
 )
 from ._torch import is_safe_global, printable
-from ._torch_names import size_shape
+from ._torch_names import size_shape, walk
 
 __all__ = ["CONSOLIDATE_HINT", "METADATA", "DcpPlan", "is_dcp_dir", "plan_strip", "scan", "write_copy"]
 
@@ -121,6 +121,12 @@ def _read(root: Path, *, trust_pickle: bool) -> _Entries:
 def _entries(path: Path, parsed: Parsed, data: bytes) -> _Entries:
     meta = _state(parsed.root)
     found = _Entries(parsed, data, version=meta.get("version"))
+    for node in walk(parsed.root):  # tensor sizes, chunk offsets and sizes: unpickling builds torch.Size(<ints>)
+        if isinstance(node, Instance) and node.is_call_to("torch.Size") and not (
+            isinstance(node.args, tuple) and len(node.args) == 1 and isinstance(node.args[0], tuple | list)
+            and all(isinstance(d, int) for d in node.args[0])
+        ):
+            raise CorruptCheckpointError(f"{path}: a tensor size is not a list of integers; the metadata is corrupted.")
     entries = mapping_items(meta.get("state_dict_metadata"))
     if entries is None:  # dcp.load iterates over it
         raise CorruptCheckpointError(f"{path} has no state_dict_metadata map; the metadata is corrupted.")
@@ -131,12 +137,6 @@ def _entries(path: Path, parsed: Parsed, data: bytes) -> _Entries:
             )
         found.keys.append(name)
         fields = _state(entry)
-        size = fields.get("size")
-        if isinstance(size, Instance) and not (  # torch.Size(<ints>), which unpickling builds
-            isinstance(size.args, tuple) and len(size.args) == 1 and isinstance(size.args[0], tuple | list)
-            and all(isinstance(d, int) for d in size.args[0])
-        ):
-            raise CorruptCheckpointError(f"{path}: the size of {describe(name)} is not a list of integers.")
         if "size" in fields and "properties" in fields:
             props = fields["properties"].state if isinstance(fields["properties"], Instance) else None
             dtype = props[0] if isinstance(props, tuple) and props else None

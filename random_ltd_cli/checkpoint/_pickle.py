@@ -90,6 +90,7 @@ class Parsed:
     protocol: int
     globals: list[Global] = field(default_factory=list)
     frames: list[tuple[int, int]] = field(default_factory=list)  # (offset of a FRAME opcode, frame length)
+    persistents: list[Persistent] = field(default_factory=list)  # every persistent id loaded, reachable or not
     opcodes: set[str] = field(default_factory=set)  # the names of the opcodes the stream uses
 
 
@@ -122,8 +123,7 @@ def parse(data: bytes, offset: int = 0, *, base: int = 0) -> Parsed:
         raise PickleTruncatedError("the pickle ends before its STOP opcode (truncated)")
     return Parsed(
         machine.result, base + offset, base + stream.tell(), machine.protocol, list(machine.globals.values()),
-        machine.frames,
-        machine.opcodes,
+        machine.frames, machine.persistents, machine.opcodes,
     )
 
 
@@ -142,6 +142,7 @@ class _Machine:
         self.globals: dict[tuple[str, str], Global] = {}
         self.protocol = 0
         self.frames: list[tuple[int, int]] = []
+        self.persistents: list[Persistent] = []
         self.opcodes: set[str] = set()
         self.done = False
         self.result: Any = None
@@ -204,6 +205,11 @@ class _Machine:
         if depth > 1 or risky:
             self.nesting[id(container)] = (depth, risky, container)  # keeps it alive: ids stay unique
         return container
+
+    def persistent(self, node: Persistent) -> Persistent:
+        """Record a persistent id (the unpickler's ``persistent_load`` sees each, even one popped at once)."""
+        self.persistents.append(node)
+        return node
 
     def check_keys(self, keys: Any) -> None:
         """Count keys whose hash could be chosen to collide (refused past MAX_RISKY_KEYS)."""

@@ -193,12 +193,12 @@ def _get(m: _Machine, arg: Any) -> None:
 
 def _persid(m: _Machine, arg: Any) -> None:
     m.charge(OBJ_COST + len(str(arg)))
-    m.stack.append(Persistent(arg))
+    m.stack.append(m.persistent(Persistent(arg)))
 
 
 def _binpersid(m: _Machine, _: Any) -> None:
     m.charge(OBJ_COST)
-    m.stack.append(Persistent(m.pop()))
+    m.stack.append(m.persistent(Persistent(m.pop())))
 
 
 def _unsupported(what: str) -> Any:

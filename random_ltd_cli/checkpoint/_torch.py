@@ -46,7 +46,7 @@ from ._pickle import (
     parse,
     substitute,
 )
-from ._torch_checks import ITEMSIZE, check_small_records, check_tensors, storages
+from ._torch_checks import ITEMSIZE, check_loaded_ids, check_small_records, check_tensors, storages
 from ._torch_legacy import MAX_PICKLE, read_legacy
 from ._torch_names import REBUILD_CALLS, TreeRenames, main_state_dict, plan_renames, tensor_meta
 from ._zip import ZipError, ZipLimitError, ZipRecord, check_deflated, patch_record, read_directory, read_record
@@ -256,7 +256,8 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
     data = read_record(fd, record, limit=MAX_PICKLE)
     parsed = guard(parse(data))
     calls: list[Instance] = []
-    found = storages(parsed.root, calls)
+    found = storages([parsed.root, parsed.persistents], calls)  # every persistent id loaded, reachable or not
+    check_loaded_ids(parsed.persistents, width=5)
     check_tensors(calls, found)
     for key, (type_name, numel) in found.items():
         rec = records.get(f"{prefix}data/{key}")
@@ -268,12 +269,6 @@ def _read_zip(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
         raise ZipLimitError(f"compressed tensor records inflate to more than {MAX_DEFLATED >> 30} GiB")
     for rec in deflated:  # torch.load does not check them: a corrupt one would load as garbage
         check_deflated(fd, rec)
-    version = records.get(f"{prefix}.data/version") or records.get(f"{prefix}version")  # as torch's reader
-    if version is None or not read_record(fd, version, limit=32).lstrip()[:1].isdigit():
-        raise ZipError("the archive has no version record with a number, which torch.load requires")
-    order = records.get(f"{prefix}byteorder")  # torch.load fails on anything else
-    if order is not None and read_record(fd, order, limit=16) not in (b"little", b"big"):
-        raise ZipError("the byteorder record is neither 'little' nor 'big'")
     alignment = records.get(f"{prefix}.storage_alignment")  # torch.load reads it with int()
     if alignment is not None and not read_record(fd, alignment, limit=32).strip().isdigit():
         raise ZipError("the .storage_alignment record is not a number")

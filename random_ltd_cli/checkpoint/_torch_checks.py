@@ -14,7 +14,7 @@ from ._pickle import Global, Instance, Persistent, PickleError, describe
 from ._torch_names import walk
 from ._zip import ZipError, ZipRecord, read_record
 
-__all__ = ["ITEMSIZE", "check_small_records", "check_tensors", "storages"]
+__all__ = ["ITEMSIZE", "check_loaded_ids", "check_small_records", "check_tensors", "storages"]
 
 ITEMSIZE = {
     "FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
@@ -56,6 +56,18 @@ def storages(root: Any, calls: list[Instance] | None = None) -> dict[str, tuple[
         if found.setdefault(str(key), (kind.name, numel)) != (kind.name, numel):
             raise PickleError(f"storage {describe(key)} is described twice, differently")
     return found
+
+
+def check_loaded_ids(persistents: list[Persistent], *, width: int) -> None:
+    """Every persistent id a pickle loads (torch's ``persistent_load`` sees each, even one that is popped at
+    once) has exactly the ``width`` items torch unpacks: 5 in a ZIP archive, 6 in a legacy file.
+
+    Raises:
+        PickleError: one that torch.load would fail on.
+    """
+    for node in persistents:
+        if not (isinstance(node.pid, tuple) and len(node.pid) == width):
+            raise PickleError(f"a persistent id that torch.load cannot use ({describe(node.pid)})")
 
 
 _ARITY = {  # torch._utils rebuild function -> (fewest, most) positional arguments torch has written

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ._io import pread_exact
 from ._pickle import Instance, Parsed, PickleError, PickleLimitError, PickleTruncatedError, describe, parse
-from ._torch_checks import ITEMSIZE, check_tensors, storages
+from ._torch_checks import ITEMSIZE, check_loaded_ids, check_tensors, storages
 
 __all__ = ["LEGACY_MAGIC", "MAX_PICKLE", "parse_at", "read_legacy"]
 
@@ -68,7 +68,8 @@ def read_legacy(path: Path, fd: int, size: int, guard: Callable[[Parsed], Parsed
 def _check_storages(fd: int, parsed: Parsed, keys: Parsed, size: int) -> None:
     """Walk the raw storages after the pickles (element counts only) and check that they end at EOF."""
     calls: list[Instance] = []
-    found = storages(parsed.root, calls)
+    found = storages([parsed.root, parsed.persistents], calls)  # every persistent id loaded, reachable or not
+    check_loaded_ids(parsed.persistents, width=6)
     check_tensors(calls, found)
     listed = keys.root
     if (

@@ -109,20 +109,38 @@ def _state_dicts(obj: Any) -> list[dict[str, Any]]:
     return found
 
 
+class InputUnloadable(Exception):
+    """The accepted input does not load in its reference loader either, and the output fails the same way."""
+
+
+def _equally_unloadable(load: Callable[[Path], Any], b: Path, exc: Exception) -> None:
+    try:
+        load(b)
+    except Exception as out_exc:
+        raise InputUnloadable(f"{type(exc).__name__} / {type(out_exc).__name__}") from exc
+    raise AssertionError(f"{b.name} loads although the input does not ({type(exc).__name__}: {exc})")
+
+
 def check_torch(a: Path, b: Path) -> None:
     import torch
 
     if a.read_bytes() == b.read_bytes():
         return  # copied unchanged (nothing to strip, or a side file)
+    trusted = False
     try:
         want = torch.load(a, weights_only=True, map_location="cpu")
-        trusted = False
-    except pickle.UnpicklingError as exc:  # opcodes torch's restricted unpickler lacks (protocol 4, LONG4, POP...)
+    except pickle.UnpicklingError as exc:
         if "Unsupported operand" not in str(exc):
-            raise
-        # strip accepted it without --trust-pickle, so its globals are all on the allowlist: loading it
-        # unrestricted is what a user would do; a payload that got through would leave the canary
-        want, trusted = torch.load(a, weights_only=False, map_location="cpu"), True
+            _equally_unloadable(lambda p: torch.load(p, weights_only=True, map_location="cpu"), b, exc)
+        # opcodes torch's restricted unpickler lacks (protocol 4, LONG4, POP...). strip accepted it without
+        # --trust-pickle, so its globals are all on the allowlist: loading it unrestricted is what a user
+        # would do; a payload that got through would leave the canary
+        try:
+            want, trusted = torch.load(a, weights_only=False, map_location="cpu"), True
+        except Exception as exc2:
+            _equally_unloadable(lambda p: torch.load(p, weights_only=False, map_location="cpu"), b, exc2)
+    except Exception as exc:
+        _equally_unloadable(lambda p: torch.load(p, weights_only=True, map_location="cpu"), b, exc)
     got = torch.load(b, weights_only=not trusted, map_location="cpu")
     tw: list[Any] = []
     tg: list[Any] = []
@@ -133,11 +151,17 @@ def check_torch(a: Path, b: Path) -> None:
         assert {strip_key(k) for k in sw} == set(sg), f"{b.name}: names are not the stripped input names"
 
 
+def _unpickle(path: Path) -> Any:
+    with path.open("rb") as f:
+        return pickle.load(f)  # what dcp.load does; a payload that got through would leave the canary
+
+
 def check_metadata(a: Path, b: Path) -> None:
-    with b.open("rb") as f:
-        got = pickle.load(f)  # what dcp.load does; a payload that got through would leave the canary
-    with a.open("rb") as f:
-        want = pickle.load(f)
+    try:
+        want = _unpickle(a)
+    except Exception as exc:
+        _equally_unloadable(_unpickle, b, exc)
+    got = _unpickle(b)
     assert {strip_key(k) for k in want.state_dict_metadata} == set(got.state_dict_metadata), "DCP names"
 
 
@@ -231,14 +255,18 @@ def run_case(fmt: str, rng: random.Random, work: Path) -> str:
         return f"refused:{type(exc).__name__}"
     assert not canary.exists(), "CANARY: a payload ran"
     assert fuzz.snapshot(src) == before, "input changed"
+    unloadable = False
     if out.exists():
-        check_output(src, out)
+        try:
+            check_output(src, out)
+        except InputUnloadable:
+            unloadable = True
     assert not canary.exists(), "CANARY: a payload ran when the output was loaded with weights_only=True"
     if hostile:
         load_unrestricted(src)
         assert not canary.exists(), "BYPASS: a hostile input was accepted and its payload runs when loaded"
         return "ok-hostile-inert"
-    return "ok"
+    return "ok-input-unloadable" if unloadable else "ok"
 
 
 def run(

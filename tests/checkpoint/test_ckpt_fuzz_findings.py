@@ -20,12 +20,12 @@ from .hostile_files import raw_zip, write_zip, zip_entries, zip_torch_save
 STATE = {"h.0.random_ltd_layer.w": torch.arange(6, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float16)}
 
 
-def _refused(path: Path, match: str) -> None:
+def _refused(path: Path, match: str, *, trust: bool = False) -> None:
     out = path.with_name("out" + path.suffix)
     with pytest.raises(CorruptCheckpointError, match=match):
-        inspect_checkpoint(path)
+        inspect_checkpoint(path, trust_pickle=trust)
     with pytest.raises(CorruptCheckpointError, match=match):
-        strip_checkpoint(path, out)
+        strip_checkpoint(path, out, trust_pickle=trust)
     assert not out.exists() and not out.is_symlink()
 
 
@@ -83,7 +83,7 @@ def test_dcp_tensor_sizes_must_be_integers(tmp_path: Path) -> None:
     (folder / ".metadata").write_bytes(data.replace(size, bad, 1))
     with pytest.raises(TypeError):
         pickle.loads((folder / ".metadata").read_bytes())
-    _refused(folder, "is not a list of integers")
+    _refused(folder, "a tensor size is not a list of integers")
 
 
 # --- torch ZIP archives: what torch.load itself requires or does not check -----------------------------
@@ -107,8 +107,8 @@ def _changed(entries: list[tuple[str, bytes]], suffix: str, content: bytes | Non
         ("/byteorder", b"\x9f\x00", "byteorder record is neither"),
         ("/.storage_alignment", b"64\x00\x00", "storage_alignment record is not a number"),
         ("/version", None, "no version record"),
-        ("/version", b"", "no version record"),
-        ("/version", b"x3", "no version record"),
+        ("/version", b"", "version record holds"),
+        ("/version", b"x3", "version record holds"),
     ],
 )
 def test_records_torch_load_requires(tmp_path: Path, suffix: str, content: bytes | None, match: str) -> None:
@@ -134,3 +134,17 @@ def test_a_compressed_tensor_record_is_checked(tmp_path: Path) -> None:
     assert inspect_checkpoint(good).tensor_count == 2  # deflated for real: read as torch reads it
     out = strip_checkpoint(good, tmp_path / "good.out.pt").output
     assert set(torch.load(out, weights_only=True)) == {"h.0.w", "b"}
+
+
+SHORT_PID = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000t"  # ("storage", type, key)
+
+
+@pytest.mark.parametrize("pid", [SHORT_PID, b"(X\x01\x00\x00\x00xt", b"N"])
+def test_persistent_ids_torch_cannot_use_are_refused(tmp_path: Path, pid: bytes) -> None:
+    """``("storage", type, key)`` (3 items) failed in torch.load's persistent_load; it was accepted."""
+    entries = _entries()
+    pkl = next(i for i, (n, _) in enumerate(entries) if n.endswith("/data.pkl"))
+    name, clean = entries[pkl]
+    entries[pkl] = (name, clean[:2] + pid + b"Q0" + clean[2:])  # BINPERSID, then POP
+    path = write_zip(tmp_path / "m.pt", entries)
+    _refused(path, "persistent id (that torch.load cannot use|is not a tensor storage)", trust=True)  # POP: trust

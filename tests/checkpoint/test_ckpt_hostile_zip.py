@@ -165,7 +165,7 @@ def test_cli_one_error_line_and_nothing_written(tmp_path: Path, entries: list[tu
 def test_legacy_storage_of_unknown_type_is_refused(tmp_path: Path) -> None:
     main = (
         b"\x80\x02}X\x01\x00\x00\x00w(X\x07\x00\x00\x00storagectorch\nEvilStorage\n"
-        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x03tQs."
+        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x03NtQs."
     )
     path = tmp_path / "l.pt"
     path.write_bytes(legacy_bytes(main, [("0", 3, b"\0" * 12)]))
@@ -321,7 +321,7 @@ def test_tensor_records_are_checked_as_torch_does(tmp_path: Path, entries: list[
 def test_rebuild_arity_is_checked(tmp_path: Path) -> None:
     main = (
         b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\n"
-        b"FloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x03tQK\x00K\x03\x85K\x01\x85tRs."
+        b"FloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x03NtQK\x00K\x03\x85K\x01\x85tRs."
     )  # _rebuild_tensor_v2(storage, 0, (3,), (1,)): two arguments short
     path = tmp_path / "l.pt"
     path.write_bytes(legacy_bytes(main, [("0", 3, b"\0" * 12)]))
