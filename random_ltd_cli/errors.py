@@ -10,10 +10,8 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
-    "CheckpointLimitError",
     "ConfigError",
     "ConversionError",
-    "CorruptCheckpointError",
     "InputError",
     "KeyCollisionError",
     "LimitExceededError",
@@ -58,10 +56,6 @@ class MalformedCheckpointError(CheckpointError):
 
 class LimitExceededError(CheckpointError):
     """A file needs more than a fixed budget (header size, JSON nesting, memory to parse) allows."""
-
-
-CorruptCheckpointError = MalformedCheckpointError  # the pickle and ZIP readers' name for it
-CheckpointLimitError = LimitExceededError  # likewise
 
 
 class UnsupportedFileTypeError(CheckpointError):

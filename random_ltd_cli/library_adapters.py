@@ -21,7 +21,8 @@ Megatron-core layer       ``forward(*args, **kwargs)`` hands everything to
                           gathered per sample to ``[r,b,1,d]`` (the layer broadcasts it);
                           ``packed_seq_params`` is refused at the call, sequence and
                           context parallelism at conversion.
-Swin / ConvNeXt blocks    refused: shifted windows and convolutions need the whole grid.
+Swin / ConvNeXt blocks    refused: shifted windows need the whole grid; convolutions are
+                          refused by the token-mixer rule (:mod:`.mixers`).
 ``nn.MultiheadAttention`` a 2-D ``attn_mask``/``src_mask``/``tgt_mask`` is ``[L,L]``
 blocks (torch, open_clip) (queries x keys, shared by the batch), not a ``[B,S]`` padding
                           mask: it is gathered per sample and laid out as
@@ -248,15 +249,9 @@ def library_refusal(layer: nn.Module) -> str | None:
 
 
 def _grid_refusal(layer: nn.Module) -> str | None:
-    """Swin-style shifted windows (timm's ``SwinTransformerBlock``) and convolutional blocks (ConvNeXt)."""
+    """Swin-style shifted windows (timm's ``SwinTransformerBlock``); convolutions: :mod:`.mixers`."""
     owners = (layer, getattr(layer, "attn", None))
     if any(hasattr(o, "window_size") and hasattr(o, "shift_size") for o in owners if o is not None):
         return ("it partitions its tokens into (shifted) windows of the image grid (Swin-style window_size and "
                 "shift_size); a subset of the tokens has no grid")
-    convs = [m for m in layer.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-             and any(k > 1 for k in m.kernel_size)]
-    if convs:
-        return (f"it holds a convolution ({type(convs[0]).__name__} with kernel {tuple(convs[0].kernel_size)}) that "
-                "mixes neighbouring tokens, which on r kept tokens are no longer neighbours; train convolutional "
-                "blocks without random-LTD")
     return None

@@ -23,9 +23,9 @@ from typing import Any
 
 from ..errors import (
     CheckpointError,
-    CheckpointLimitError,
-    CorruptCheckpointError,
     KeyCollisionError,
+    LimitExceededError,
+    MalformedCheckpointError,
     UnsafePickleError,
 )
 from ..keys import SEGMENT, rename_keys, strip_key
@@ -91,21 +91,21 @@ def _read(root: Path, *, trust_pickle: bool) -> _Entries:
     try:
         size = os.fstat(fd).st_size
         if size > MAX_METADATA:
-            raise CheckpointLimitError(
+            raise LimitExceededError(
                 f"{path} is {size} bytes; this reader stops at {MAX_METADATA >> 20} MiB of DCP metadata. "
                 f"To read the checkpoint, {CONSOLIDATE_HINT.replace('DIR', str(root))}."
             )
         data = pread_exact(fd, size, 0)
     except EOFError as exc:
-        raise CorruptCheckpointError(f"{path} changed while it was read; retry when nothing writes to it.") from exc
+        raise MalformedCheckpointError(f"{path} changed while it was read; retry when nothing writes to it.") from exc
     finally:
         os.close(fd)
     try:
         parsed = parse(data)
     except PickleLimitError as exc:
-        raise CheckpointLimitError(f"{path} exceeds a safety limit of this reader: {exc}.") from exc
+        raise LimitExceededError(f"{path} exceeds a safety limit of this reader: {exc}.") from exc
     except PickleError as exc:
-        raise CorruptCheckpointError(f"{path} is truncated or corrupted: {exc}. Re-save the checkpoint.") from exc
+        raise MalformedCheckpointError(f"{path} is truncated or corrupted: {exc}. Re-save the checkpoint.") from exc
     unsafe = sorted({printable(g.qualname) for g in parsed.globals if not is_safe_global(g.qualname, dcp=True)})
     if unsafe and not trust_pickle:
         raise UnsafePickleError(
@@ -126,13 +126,15 @@ def _entries(path: Path, parsed: Parsed, data: bytes) -> _Entries:
             isinstance(node.args, tuple) and len(node.args) == 1 and isinstance(node.args[0], tuple | list)
             and all(isinstance(d, int) for d in node.args[0])
         ):
-            raise CorruptCheckpointError(f"{path}: a tensor size is not a list of integers; the metadata is corrupted.")
+            raise MalformedCheckpointError(
+                f"{path}: a tensor size is not a list of integers; the metadata is corrupted."
+            )
     entries = mapping_items(meta.get("state_dict_metadata"))
     if entries is None:  # dcp.load iterates over it
-        raise CorruptCheckpointError(f"{path} has no state_dict_metadata map; the metadata is corrupted.")
+        raise MalformedCheckpointError(f"{path} has no state_dict_metadata map; the metadata is corrupted.")
     for name, entry in entries:
         if not isinstance(name, PStr):
-            raise CorruptCheckpointError(
+            raise MalformedCheckpointError(
                 f"{path}: an entry name is not a string ({describe(name)}); the metadata is corrupted."
             )
         found.keys.append(name)

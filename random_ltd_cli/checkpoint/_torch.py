@@ -26,9 +26,9 @@ from typing import Any
 
 from ..errors import (
     CheckpointError,
-    CheckpointLimitError,
-    CorruptCheckpointError,
     KeyCollisionError,
+    LimitExceededError,
+    MalformedCheckpointError,
     UnsafePickleError,
 )
 from ._allowlist import is_engine_global
@@ -176,8 +176,8 @@ def read_torch(path: Path, *, trust_pickle: bool = False) -> TorchFile:
 
     Raises:
         UnsafePickleError: a pickle names globals outside the allowlist and ``trust_pickle`` is false.
-        CheckpointLimitError: the file exceeds a reader limit (pickle size, nesting, records).
-        CorruptCheckpointError: truncated, corrupted or inconsistent file.
+        LimitExceededError: the file exceeds a reader limit (pickle size, nesting, records).
+        MalformedCheckpointError: truncated, corrupted or inconsistent file.
         CheckpointError: not a torch checkpoint.
     """
     path = Path(path)
@@ -228,12 +228,12 @@ def _read(path: Path, fd: int, size: int, guard: _Guard) -> TorchFile:
         else:
             raise CheckpointError(f"{path} is not a torch checkpoint (no ZIP or pickle signature).")
     except (ZipLimitError, PickleLimitError) as exc:
-        raise CheckpointLimitError(
+        raise LimitExceededError(
             f"{path} exceeds a safety limit of this reader: {exc}. random-ltd refuses such files without reading "
             "further; if it is genuine, load it with torch where you trust it and save a smaller structure."
         ) from exc
     except (ZipError, PickleError, EOFError) as exc:
-        raise CorruptCheckpointError(
+        raise MalformedCheckpointError(
             f"{path} is a truncated or corrupted torch checkpoint: {exc}. Re-save or re-download it."
         ) from exc
     tf.globals = list(guard.seen.values())

@@ -12,7 +12,7 @@ import torch
 
 from random_ltd_cli.checkpoint import inspect_checkpoint, strip_checkpoint
 from random_ltd_cli.checkpoint._pickle import PickleError, parse
-from random_ltd_cli.errors import CorruptCheckpointError
+from random_ltd_cli.errors import MalformedCheckpointError
 
 from .fuzz_folders import _dcp_templates, _unframed
 from .hostile_files import raw_zip, write_zip, zip_entries, zip_torch_save
@@ -22,9 +22,9 @@ STATE = {"h.0.random_ltd_layer.w": torch.arange(6, dtype=torch.float64), "b": to
 
 def _refused(path: Path, match: str, *, trust: bool = False) -> None:
     out = path.with_name("out" + path.suffix)
-    with pytest.raises(CorruptCheckpointError, match=match):
+    with pytest.raises(MalformedCheckpointError, match=match):
         inspect_checkpoint(path, trust_pickle=trust)
-    with pytest.raises(CorruptCheckpointError, match=match):
+    with pytest.raises(MalformedCheckpointError, match=match):
         strip_checkpoint(path, out, trust_pickle=trust)
     assert not out.exists() and not out.is_symlink()
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from random_ltd_cli.checkpoint import inspect_checkpoint, strip_checkpoint
-from random_ltd_cli.errors import CheckpointError, CheckpointLimitError, CorruptCheckpointError, UnsafePickleError
+from random_ltd_cli.errors import CheckpointError, LimitExceededError, MalformedCheckpointError, UnsafePickleError
 
 from .hostile_files import (
     deep_frozenset_pickle,
@@ -116,7 +116,7 @@ def test_deep_nesting_is_a_clean_error_in_a_subprocess(tmp_path: Path) -> None:
     results = json.loads(proc.stdout)
     assert len(results) == 2 * len(carriers)
     for case, result in results.items():
-        assert result.startswith("CheckpointLimitError: ") and "deeper than 1000 levels" in result, (case, result)
+        assert result.startswith("LimitExceededError: ") and "deeper than 1000 levels" in result, (case, result)
         assert "\n" not in result
 
 
@@ -145,7 +145,7 @@ def test_nesting_at_the_limit_is_read(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="plain pickle"):
         inspect_checkpoint(path)  # read to the end: refused only because a bare dict is not a torch file
     path.write_bytes(deep_key_pickle(1001))
-    with pytest.raises(CheckpointLimitError, match="deeper than 1000 levels"):
+    with pytest.raises(LimitExceededError, match="deeper than 1000 levels"):
         inspect_checkpoint(path)
 
 
@@ -181,11 +181,11 @@ def test_zip_with_two_data_pkl_records_is_refused(tmp_path: Path, canary: Path, 
     entries = zip_entries(zip_torch_save(STATE))
     evil = [("archive/data.pkl", with_payload(pickle.dumps({}, protocol=2), f"touch {canary}"))]
     path = write_zip(tmp_path / "dup.pt", evil + entries if evil_first else entries + evil)
-    with pytest.raises(CorruptCheckpointError, match="two records named 'archive/data.pkl'"):
+    with pytest.raises(MalformedCheckpointError, match="two records named 'archive/data.pkl'"):
         inspect_checkpoint(path)
-    with pytest.raises(CorruptCheckpointError, match="two records"):
+    with pytest.raises(MalformedCheckpointError, match="two records"):
         inspect_checkpoint(path, trust_pickle=True)
-    _assert_strip_refuses(path, CorruptCheckpointError, "two records")
+    _assert_strip_refuses(path, MalformedCheckpointError, "two records")
 
 
 def _dcp_folder(tmp_path: Path) -> Path:
@@ -274,7 +274,7 @@ def test_huge_lengths_are_refused_before_allocation(tmp_path: Path, opcode: byte
     legacy.write_bytes(b"".join([*parts[:3], field, *parts[4:]]))
     zipped = pickle_zip(tmp_path / "zip.pt", field)
     for path in (bare, legacy, zipped):
-        with pytest.raises(CorruptCheckpointError, match="ends before its STOP opcode"):
+        with pytest.raises(MalformedCheckpointError, match="ends before its STOP opcode"):
             inspect_checkpoint(path)
 
 
@@ -284,9 +284,9 @@ def test_legacy_storage_counts_are_checked(tmp_path: Path, count: int) -> None:
     parts[5] = struct.pack("<q", count) + parts[5][8:]
     path = tmp_path / "legacy.pt"
     path.write_bytes(b"".join(parts))
-    with pytest.raises(CorruptCheckpointError, match=f"holds {count} elements but the pickle says"):
+    with pytest.raises(MalformedCheckpointError, match=f"holds {count} elements but the pickle says"):
         inspect_checkpoint(path)
-    _assert_strip_refuses(path, CorruptCheckpointError, "elements but the pickle says")
+    _assert_strip_refuses(path, MalformedCheckpointError, "elements but the pickle says")
 
 
 # --- legacy structure ----------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_legacy_structure_is_validated(tmp_path: Path, case: str) -> None:
     parts = split_legacy(legacy_torch_save({"w": torch.zeros(3)}))
     path = tmp_path / "legacy.pt"
     path.write_bytes(_legacy_variant(parts, change))
-    with pytest.raises(CorruptCheckpointError, match=message):
+    with pytest.raises(MalformedCheckpointError, match=message):
         inspect_checkpoint(path)
 
 

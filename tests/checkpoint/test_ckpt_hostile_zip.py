@@ -17,7 +17,7 @@ from random_ltd_cli.checkpoint import _pickle, _torch_legacy, inspect_checkpoint
 from random_ltd_cli.checkpoint._pickle import Instance, PickleError, PickleLimitError, PickleTruncatedError, parse
 from random_ltd_cli.checkpoint._pickle_tree import describe
 from random_ltd_cli.checkpoint._torch_names import tensor_meta, walk
-from random_ltd_cli.errors import CheckpointError, CheckpointLimitError, CorruptCheckpointError
+from random_ltd_cli.errors import CheckpointError, LimitExceededError, MalformedCheckpointError
 
 from .hostile_files import legacy_bytes, raw_zip, write_zip, zip_entries, zip_torch_save
 
@@ -50,13 +50,13 @@ BAD_NAMES = {
 @pytest.mark.parametrize("case", list(BAD_NAMES))
 def test_names_must_be_plain_relative_paths(tmp_path: Path, entries: list[tuple[str, bytes]], case: str) -> None:
     path = write_zip(tmp_path / "bad.pt", [*entries, (BAD_NAMES[case], b"x")])
-    with pytest.raises(CorruptCheckpointError, match="is not a plain relative path"):
+    with pytest.raises(MalformedCheckpointError, match="is not a plain relative path"):
         inspect_checkpoint(path)
 
 
 def test_every_record_lies_in_the_archive_folder(tmp_path: Path, entries: list[tuple[str, bytes]]) -> None:
     path = write_zip(tmp_path / "stray.pt", [*entries, ("other/data", b"x")])
-    with pytest.raises(CorruptCheckpointError, match="'other/data' lies outside the archive folder 'archive/'"):
+    with pytest.raises(MalformedCheckpointError, match="'other/data' lies outside the archive folder 'archive/'"):
         inspect_checkpoint(path)
 
 
@@ -69,7 +69,7 @@ def test_a_stored_pickle_declared_deflated_is_a_clean_error(tmp_path: Path, entr
     records[0] = (records[0][0], 8, *records[0][2:])
     assert records[0][0].endswith("data.pkl")
     path = raw_zip(tmp_path / "lie.pt", records)
-    with pytest.raises(CorruptCheckpointError, match="'archive/data.pkl' is not valid deflate data"):
+    with pytest.raises(MalformedCheckpointError, match="'archive/data.pkl' is not valid deflate data"):
         inspect_checkpoint(path)
 
 
@@ -89,7 +89,7 @@ def test_zip_structure_rules(tmp_path: Path, entries: list[tuple[str, bytes]], c
     if message is None:
         assert inspect_checkpoint(path).tensor_count == 2
         return
-    with pytest.raises(CorruptCheckpointError, match=message):
+    with pytest.raises(MalformedCheckpointError, match=message):
         inspect_checkpoint(path)
 
 
@@ -97,17 +97,17 @@ def test_unknown_method_and_unequal_stored_sizes(tmp_path: Path, entries: list[t
     records = _stored(entries)
     name, _, body, usize, crc = records[1]
     path = raw_zip(tmp_path / "bz.pt", [records[0], (name, 12, body, usize, crc), *records[2:]])
-    with pytest.raises(CorruptCheckpointError, match="compression method 12"):
+    with pytest.raises(MalformedCheckpointError, match="compression method 12"):
         inspect_checkpoint(path)
     path = raw_zip(tmp_path / "sz.pt", [records[0], (name, 0, body, usize + 1, crc), *records[2:]])
-    with pytest.raises(CorruptCheckpointError, match="stored uncompressed but its two sizes differ"):
+    with pytest.raises(MalformedCheckpointError, match="stored uncompressed but its two sizes differ"):
         inspect_checkpoint(path)
 
 
 def test_trailing_bytes_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "t.pt"
     path.write_bytes(zip_torch_save(STATE) + b"\0")
-    with pytest.raises(CorruptCheckpointError, match="bytes follow the end-of-archive record"):
+    with pytest.raises(MalformedCheckpointError, match="bytes follow the end-of-archive record"):
         inspect_checkpoint(path)
 
 
@@ -125,7 +125,7 @@ def test_a_record_inside_another_is_refused(tmp_path: Path, entries: list[tuple[
     entry = bytes(data).rindex(b"PK\x01\x02", 0, bytes(data).rindex(inner_name.encode()))
     struct.pack_into("<I", data, entry + 42, 30 + len("archive/extra"))  # inside archive/extra's bytes
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptCheckpointError, match="overlap"):
+    with pytest.raises(MalformedCheckpointError, match="overlap"):
         inspect_checkpoint(path)
 
 
@@ -170,7 +170,7 @@ def test_legacy_storage_of_unknown_type_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "l.pt"
     path.write_bytes(legacy_bytes(main, [("0", 3, b"\0" * 12)]))
     for trust in (False, True):  # the name passes the allowlist's pattern, the storage walk does not know it
-        with pytest.raises(CorruptCheckpointError, match="storage '0' has type 'EvilStorage' and 3 elements"):
+        with pytest.raises(MalformedCheckpointError, match="storage '0' has type 'EvilStorage' and 3 elements"):
             inspect_checkpoint(path, trust_pickle=trust)
 
 
@@ -185,7 +185,7 @@ def test_legacy_pickle_window_grows_and_stops_at_the_limit(tmp_path: Path, monke
     path.write_bytes(buf.getvalue())
     assert inspect_checkpoint(path).tensor_count == 2000
     monkeypatch.setattr(_torch_legacy, "MAX_PICKLE", 100 << 10)
-    with pytest.raises(CheckpointLimitError, match="longer than 102400 bytes"):
+    with pytest.raises(LimitExceededError, match="longer than 102400 bytes"):
         inspect_checkpoint(path)
 
 
@@ -280,7 +280,7 @@ def test_small_records_torch_reads(tmp_path: Path, entries: list[tuple[str, byte
     path = write_zip(tmp_path / "r.pt", _with_record(entries, name, body))
     with pytest.raises(Exception):  # noqa: B017  (torch's own error types vary: RuntimeError, ValueError...)
         torch.load(path, weights_only=True)
-    with pytest.raises(CorruptCheckpointError, match=message):
+    with pytest.raises(MalformedCheckpointError, match=message):
         inspect_checkpoint(path)
 
 
@@ -290,10 +290,10 @@ def test_entries_marked_as_folders_and_unknown_flags(tmp_path: Path, entries: li
     entry = bytes(data).index(b"PK\x01\x02")
     struct.pack_into("<I", data, entry + 38, 0x10)  # MS-DOS folder attribute on archive/data.pkl
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptCheckpointError, match="marked as a folder"):
+    with pytest.raises(MalformedCheckpointError, match="marked as a folder"):
         inspect_checkpoint(path)
     path = raw_zip(tmp_path / "g.pt", _stored(entries), flags=0x4000)
-    with pytest.raises(CorruptCheckpointError, match="ZIP features torch does not read"):
+    with pytest.raises(MalformedCheckpointError, match="ZIP features torch does not read"):
         inspect_checkpoint(path)
 
 
@@ -314,7 +314,7 @@ def test_tensor_records_are_checked_as_torch_does(tmp_path: Path, entries: list[
         path = _patched_pickle(tmp_path, entries, old, new)
         with pytest.raises(Exception):  # noqa: B017
             torch.load(path, weights_only=True)
-        with pytest.raises(CorruptCheckpointError, match=message):
+        with pytest.raises(MalformedCheckpointError, match=message):
             inspect_checkpoint(path)
 
 
@@ -325,5 +325,5 @@ def test_rebuild_arity_is_checked(tmp_path: Path) -> None:
     )  # _rebuild_tensor_v2(storage, 0, (3,), (1,)): two arguments short
     path = tmp_path / "l.pt"
     path.write_bytes(legacy_bytes(main, [("0", 3, b"\0" * 12)]))
-    with pytest.raises(CorruptCheckpointError, match="_rebuild_tensor_v2 has 4 arguments"):
+    with pytest.raises(MalformedCheckpointError, match="_rebuild_tensor_v2 has 4 arguments"):
         inspect_checkpoint(path)

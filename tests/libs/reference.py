@@ -282,7 +282,9 @@ def result(name: str) -> Result:
         model = case.build()
         before = snapshot(model)
         try:
-            convert_to_random_ltd(model, reserved_length=R)
+            # verify="off": this sweep judges by its own reference (the built-in verifier runs in the
+            # training-step check and must never be the only judge of itself)
+            convert_to_random_ltd(model, reserved_length=R, verify="off")
         except (ConversionError, InputError) as exc:
             after = snapshot(model)
             untouched = before[0] == after[0] and all(torch.equal(before[1][k], after[1][k]) for k in before[1])
