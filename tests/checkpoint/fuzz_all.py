@@ -365,8 +365,11 @@ def check_cli(args: list[str], cwd: Path, *, json_mode: bool) -> tuple[int, floa
         obj = json.loads(out)  # exactly one JSON object
         assert isinstance(obj, dict) and (rc == 0) == ("error" not in obj), out[-500:]
     elif rc == 1:
+        # one Error: line, the last; notes may stand above it (inspect of a folder where nothing is readable
+        # lists each file's reason first)
         lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("Error:"), err[-2000:]
+        errors = [line for line in lines if line.startswith("Error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], err[-2000:]
     return rc, rss
 
 
