@@ -20,6 +20,7 @@ from .errors import ConfigError, ConversionError
 from .keys import SEGMENT, rename_keys, strip_key
 from .layer import RandomLayerTokenDrop, ReservedLength
 from .mixers import classify, warn_mixed_stack
+from .parts import detach_parts, plan_parts
 from .schedule import RandomLTDScheduler
 from .stacks import STACKS, SharedCall, candidates_text, find_layer_stack, find_layer_stacks, kind, shared_calls
 from .verify import check_verify_mode
@@ -247,6 +248,7 @@ def convert_to_random_ltd(
         label, layer = candidates[i]
         call = shared.get(label)
         plans.setdefault(call.name if call else label, (layer, [], call))[1].append(call.call if call else 0)
+    parts = plan_parts(root, list(plans))  # layers kept as parallel lists of parts (XLM): attention + proxies
     wrappers: list[tuple[str, RandomLayerTokenDrop, SharedCall | None]] = []
     for layer_id, (name, (layer, calls, call)) in enumerate(plans.items()):
         bf = batch_first if batch_first is not None else _layer_batch_first(layer)
@@ -258,6 +260,7 @@ def convert_to_random_ltd(
                 on_unsupported=on_unsupported,  # type: ignore[arg-type]
                 seq_args=user_args, verify=verify,  # type: ignore[arg-type]
                 calls=calls if call else None, calls_per_forward=call.calls_per_forward if call else None,
+                dropped="zero" if name in parts.slots else "input",
             )
         except (ConversionError, ConfigError) as exc:
             raise type(exc)(f"cannot wrap {name!r}: {exc}") from None
@@ -265,6 +268,7 @@ def convert_to_random_ltd(
         wrappers.append((name, wrapper, call))
     for name, wrapper, _ in wrappers:  # every check passed: now mutate
         _set_submodule(root, name, wrapper)
+    parts.attach(root, {n: w for n, w, _ in wrappers})
     if layer_type is None and filter_fn is None:  # a stack conversion found (an explicit choice needs no warning)
         warn_mixed_stack(candidates, chosen)
     _count_shared_calls(root, [(w, c) for _, w, c in wrappers if c is not None])
@@ -303,6 +307,7 @@ def revert_random_ltd(model: nn.Module) -> nn.Module:
             raise ConversionError(
                 "the model itself is a RandomLayerTokenDrop; use model.random_ltd_layer to get the wrapped layer."
             )
+    detach_parts(root)
     return model
 
 

@@ -139,6 +139,9 @@ class RandomLayerTokenDrop(nn.Module):
             changes, ``"always"`` on every dropping call (debugging), ``"off"`` never. A mismatch
             raises :class:`~random_ltd_cli.errors.VerificationError`, a layer whose keys cannot be
             restricted :class:`~random_ltd_cli.errors.UnverifiableLayerError`.
+        dropped: what the dropped tokens' rows of the output hold: ``"input"`` (default: the
+            input, unchanged) or ``"zero"`` (zeros, for a part whose caller adds the residual
+            itself, as XLM's attention list: see :mod:`random_ltd_cli.parts`).
 
     Raises:
         ConfigError: a setting that cannot work (``reserved_length <= 0``, a mask name the
@@ -166,6 +169,7 @@ class RandomLayerTokenDrop(nn.Module):
         calls: Iterable[int] | None = None,
         calls_per_forward: int | None = None,
         verify: Literal["first", "always", "off"] = "first",
+        dropped: Literal["input", "zero"] = "input",
     ) -> None:
         adapter = find_adapter(layer) if isinstance(layer, nn.Module) else None
         plan = _plan_arguments(layer, hidden_name, mask_names, adapter.signature() if adapter else None)
@@ -173,6 +177,8 @@ class RandomLayerTokenDrop(nn.Module):
         call_set = _check_calls(calls, calls_per_forward)
         _check_settings(reserved_length, keep_prefix, on_unsupported)
         verify_mode = check_verify_mode(verify)
+        if dropped not in ("input", "zero"):
+            raise ConfigError(f"dropped={dropped!r} must be 'input' (the dropped tokens pass unchanged) or 'zero'.")
         super().__init__()
         self.random_ltd_layer = layer
         self.scheduler = scheduler
@@ -193,6 +199,8 @@ class RandomLayerTokenDrop(nn.Module):
         self._calls, self._period, self._count = call_set, int(calls_per_forward or 0), 0
         self.verify: str = verify_mode
         self._verified: set[Any] = set()  # argument signatures verified (verify="first")
+        self.dropped: str = dropped
+        self._parts: Any = None  # a parts.PartsSlot: the layer's other parts read this call's indices from it
         self.register_load_state_dict_pre_hook(_accept_plain_keys)
 
     @property
@@ -269,7 +277,8 @@ class RandomLayerTokenDrop(nn.Module):
     def extra_repr(self) -> str:
         r = self.reserved_length if self.reserved_length is not None else (
             "scheduler" if self.scheduler is not None else None)
-        return f"reserved_length={r}, batch_first={self.batch_first}, layer_id={self.layer_id}"
+        zero = ", dropped=zero" if self.dropped == "zero" else ""
+        return f"reserved_length={r}, batch_first={self.batch_first}, layer_id={self.layer_id}{zero}"
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -285,6 +294,16 @@ class RandomLayerTokenDrop(nn.Module):
     # -- forward ---------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._parts is not None:
+            return self._forward_publishing(*args, **kwargs)
+        return self._forward(*args, **kwargs)
+
+    @torch.compiler.disable  # publishes its indices to the layer's other parts: always eager
+    def _forward_publishing(self, *args: Any, **kwargs: Any) -> Any:
+        self._parts.publish(None)  # a call that does not drop leaves no indices behind
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.random_ltd_layer
         if self._calls is not None and not self._this_call_drops():
             return layer(*args, **kwargs)
@@ -313,6 +332,8 @@ class RandomLayerTokenDrop(nn.Module):
             raise
         if not torch.compiler.is_compiling():  # never inside a compiled region (no graphs or breaks added)
             self.last_indices = idx
+            if self._parts is not None:
+                self._parts.publish(idx, batch, seq_len)
             if self.verify != "off" or "_verify_sink" in self.__dict__:
                 on_dropping_call(self, args, kwargs, idx)
         route = TokenRoute(hidden, flat_index(idx, seq_len, self.batch_first), keep, self.batch_first)
@@ -414,10 +435,11 @@ class RandomLayerTokenDrop(nn.Module):
         return swaps
 
     def _merge_output(self, route: TokenRoute, out: Any, swaps: list[tuple[Any, Any]]) -> Any:
+        merge = route.merge_zero if self.dropped == "zero" else route.merge
         if isinstance(out, torch.Tensor):
-            return route.merge(out)
+            return merge(out)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-            first = route.merge(out[0])
+            first = merge(out[0])
             rest = [_restore(o, swaps) for o in out[1:]] if swaps else list(out[1:])
             if hasattr(out, "_fields"):  # namedtuple
                 return type(out)(first, *rest)

@@ -55,18 +55,27 @@ def _same_kind(a: type[nn.Module], b: type[nn.Module]) -> bool:
 _Found = tuple[tuple[int, int, int], str, type[nn.Module], list[tuple[str, nn.Module]]]
 
 
-def _parallel_lists(found: list[_Found], chosen: _Found) -> None:
-    """Refuse a stack that is one of several parallel lists of layer parts (XLM: ``attentions``, ``ffns``...):
-    sibling lists of the same length holding other classes."""
+def _parallel_lists(model: nn.Module, found: list[_Found], chosen: _Found) -> _Found:
+    """A stack that is one of several parallel lists of layer parts (XLM: ``attentions``, ``ffns``...): the
+    attention list when the lists are a layout :mod:`random_ltd_cli.parts` wraps exactly, else refused."""
+    from .parts import ATTENTION, LISTS, layout_of
+
     parent = chosen[1].rpartition(".")[0]
     siblings = [f for f in found if f[1] != chosen[1] and f[1].rpartition(".")[0] == parent
                 and len(f[3]) == len(chosen[3]) and f[2] is not chosen[2]]
     if not siblings:
-        return
+        return chosen
+    layout = layout_of(model, parent)
+    if layout is not None and not isinstance(layout, str) and chosen[1].rpartition(".")[2] in LISTS:
+        attention = ".".join(p for p in (parent, ATTENTION) if p)
+        stack = next((f for f in [chosen, *siblings] if f[1] == attention), None)
+        if stack is not None:
+            return stack
     names = ", ".join(f"{f[1]} ({f[2].__name__})" for f in [chosen, *siblings])
+    why = f" ({layout})" if isinstance(layout, str) else ""
     raise ConversionError(
         f"no module of this model is a whole transformer layer: it keeps the parts of its layers in parallel lists "
-        f"({names}) and adds their residuals and norms in the model's own loop, so no module can be wrapped for "
+        f"({names}) and adds their residuals and norms in the model's own loop{why}, so no module can be wrapped for "
         "the dropped tokens to pass through a layer unchanged (wrapping one list would change them). Train it "
         "without random-LTD, or restructure it into one module per layer."
     )
@@ -122,8 +131,7 @@ def find_layer_stacks(model: nn.Module, stack: str | None = None) -> list[Stack]
                 "stack= chooses between the encoder and the decoder of an encoder-decoder model."
             )
         chosen = [f for k in wanted if (f := by_kind[k]) is not None]
-    for f in chosen:
-        _parallel_lists(found, f)
+    chosen = [_parallel_lists(model, found, f) for f in chosen]
     return [(f[1], f[2], f[3]) for f in chosen]
 
 

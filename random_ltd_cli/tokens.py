@@ -160,6 +160,14 @@ class TokenRoute:
         _check_kept_output(self.hidden, kept_out, self.flat)
         return _Merge.apply(self.hidden, kept_out, self._token, self.flat, self._link)
 
+    def merge_zero(self, kept_out: torch.Tensor) -> torch.Tensor:
+        """Zeros with the kept rows replaced by ``kept_out`` (a part whose caller adds the residual itself).
+        The dropped rows get no gradient from here (with the fused split: zeros, as no merge hands one on)."""
+        _check_kept_output(self.hidden, kept_out, self.flat)
+        lead, rest = self.hidden.shape[0] * self.hidden.shape[1], self.hidden.shape[2:]
+        zeros = kept_out.new_zeros(lead, *rest)
+        return zeros.index_copy(0, self.flat, kept_out.reshape(-1, *rest)).view(self.hidden.shape)
+
 
 def _expand_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     _check_batch(t, batch, what)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["VERIFY_MODES", "LayerVerdict", "check_call", "tolerance_for", "verify_random_ltd"]
 
 VERIFY_MODES = ("first", "always", "off")
+PART_METHOD = "per-token part"  # a proxied part of a layer kept as parallel lists (parts.py)
 STATUSES = ("exact", "not called", "unverifiable", "error", "wrong")  # worst last
 # Tolerance on the error measure (|got - ref| / (rms(ref) + |ref|), max over kept tokens), by compute dtype.
 TOLERANCES = {
@@ -88,6 +89,11 @@ class LayerVerdict:
     def message(self) -> str:
         """The user-facing text for a verdict that is not exact."""
         size = f" (r={self.reserved_length} of S={self.seq_len})" if self.reserved_length else ""
+        if self.status == "wrong" and self.method == PART_METHOD:
+            return (f"random-LTD cannot run a part of {self.label}{size} on the kept tokens only: {self.cause} "
+                    f"(max error {self.max_error or 0.0:.3g} > tolerance {self.tolerance or 0.0:.3g}, {self.dtype}, "
+                    "between the part on the kept tokens and on all tokens). Train this model without random-LTD, or "
+                    "convert with verify='off' at your own risk (docs/architectures.md, layers kept as parts).")
         if self.status == "wrong":
             return (f"random-LTD changes the output of {self.label}{size}: max error {self.max_error:.3g} > tolerance "
                     f"{self.tolerance:.3g} ({self.dtype}) against the reference (the unwrapped layer on all tokens, "

@@ -43,6 +43,7 @@ class ModelReport:
     layers: list[LayerRow]
     wrapped_layers: list[str]
     estimate: dict[str, Any] | None = None
+    parts: list[str] = field(default_factory=list)  # proxied parts of layers kept as parallel lists (XLM)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,7 +162,24 @@ def _convert(
         layer_class=", ".join(sorted({r.cls for r in rows})),
         layers=rows,
         wrapped_layers=[r.name for r in rows if r.wrapped],
+        parts=proxied_parts(root),
     )
+
+
+def proxied_parts(root: Any) -> list[str]:
+    """The qualified names of the parts that run on their layer's kept tokens (see :mod:`random_ltd_cli.parts`)."""
+    from .parts import LayerPart
+
+    return [n for n, m in root.named_modules() if isinstance(m, LayerPart)]
+
+
+def parts_text(report: ModelReport) -> str:
+    """One line on the proxied parts of a report, or ``""``."""
+    if not report.parts:
+        return ""
+    return (f"Layers kept as parallel lists of parts: each wrapped attention drops tokens for its whole layer, and "
+            f"the other parts of those layers run on their attention's kept tokens ({len(report.parts)}): "
+            f"{', '.join(report.parts)}.")
 
 
 @dataclass

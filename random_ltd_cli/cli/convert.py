@@ -120,7 +120,7 @@ def convert(
       random-ltd convert gpt2-folder/ -o gpt2-ltd/
     """
     from ..target import parse_init
-    from ..workflow import ScheduleOptions, convert_target
+    from ..workflow import ScheduleOptions, convert_target, parts_text
 
     with user_errors(as_json), sigterm_as_interrupt():
         result = convert_target(
@@ -135,6 +135,8 @@ def convert(
         title = f"{result.model_class}: {len(result.wrapped_layers)} of {len(result.layers)} {result.layer_class} " \
                 "layers wrapped"
         print_table(stdout_console(), layers_table(result), title)
+        if result.parts:
+            stdout_console().print(parts_text(result), soft_wrap=True, markup=False)
     if weights is None and output is not None and not Path(target).is_dir():
         verb = "would save" if dry_run else "saving"
         note(f"no --weights: {verb} the model's initial weights (as {target} builds them); pass --weights CKPT "

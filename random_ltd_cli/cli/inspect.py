@@ -193,7 +193,7 @@ def _span(names: list[str]) -> str:
 
 def _show_model(target: str, as_json: bool, **options: Any) -> None:
     from ..target import parse_init
-    from ..workflow import describe_target
+    from ..workflow import describe_target, parts_text
 
     init = parse_init(options.pop("init"))
     ds = options.pop("ds_config")
@@ -205,6 +205,8 @@ def _show_model(target: str, as_json: bool, **options: Any) -> None:
     print_table(console, layers_table(report), f"{report.model_class} ({human_count(report.parameter_count)} "
                                                f"parameters): {len(report.layers)} {report.layer_class} layers, "
                                                f"{len(report.wrapped_layers)} would be wrapped")
+    if report.parts:
+        console.print(parts_text(report), soft_wrap=True, markup=False)
     est = report.estimate
     if est is None:
         console.print("No compute estimate: the sequence length is unknown; pass --seq-len S.")

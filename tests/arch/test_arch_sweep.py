@@ -78,7 +78,10 @@ NOT_ATTENTION = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "fnet", "re
 # convolutional stages ([B, C, H, W] states), channels-first, multi-stream and n-gram layouts, per-token state args
 LAYOUTS = ("resnet", "regnet", "mobilenet_v1", "mobilenet_v2", "poolformer", "cvt", "segformer", "swiftformer",
            "pvt_v2", "pp_lcnet", "squeezebert", "deepseek_v4", "hy_v4", "gemma3n_text", "prophetnet", "falcon_h1",
-           "zamba2", "glm_moe_dsa", "inkling_text", "funnel", "xlnet", "xlm", "flaubert")
+           "zamba2", "glm_moe_dsa", "inkling_text", "funnel", "xlnet")
+# layers kept as parallel lists of parts (attentions, layer_norm1, ffns, layer_norm2): the attention list is wrapped,
+# the other parts run on its kept tokens (random_ltd_cli/parts.py); checked by a per-layer reference (parts_reference)
+PARTS = ("xlm", "flaubert")
 
 
 @pytest.mark.parametrize("fam", GENERATED, ids=[f.name for f in GENERATED])
@@ -104,3 +107,11 @@ def test_what_is_not_one_attention_sequence_is_refused_at_conversion(name: str) 
     assert found.status == "refused", f"{name}: {found.status}: {found.detail}"
     if name in NOT_ATTENTION:
         assert "is not attention" in found.detail or "line up with the kept tokens" in found.detail, found.detail
+
+
+@pytest.mark.parametrize("name", PARTS)
+def test_layers_kept_as_parallel_parts_are_exact(name: str) -> None:
+    found = status(next(f for f in GENERATED if f.name == name))
+    assert found.status == "exact", f"{name}: {found.status}: {found.detail}"
+    assert found.outcome is not None and found.outcome.stack == "transformer.attentions", found.outcome
+    assert "ffns" in found.outcome.layer_class, found.outcome.layer_class
