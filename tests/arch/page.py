@@ -104,6 +104,16 @@ with `reserved_length=6` and checked against the same independent reference as a
 - **refused at the first step**: conversion passed and the first forward raised the library's error;
 - **not buildable**: no model from the generic tiny config (the first line of the error, or why).
 
+**Layers kept as parallel lists of parts** (XLM, FlauBERT: `attentions`, `layer_norm1`, `ffns`,
+`layer_norm2`, combined in the model's own loop) have no module that is a layer: the attention list
+is wrapped (zeros at the dropped rows, to which the loop adds the residual) and the other parts of
+each wrapped layer run on its kept tokens (`random_ltd_cli/parts.py`). Their reference is per layer
+(`tests/arch/parts_reference.py`): the model's own loop cut down to that layer's original parts, fed
+the converted model's input of the layer, with the attention's mask restricted to the kept keys; the
+kept rows of the layer's output match it, the dropped rows equal the layer's input. XLM's attention is
+eager only; causal XLM and FlauBERT's pre-norm loop and layerdrop are checked in
+`tests/arch/test_arch_parts.py`.
+
 | Model type | Model class | Mapping | Status | Stack wrapped / reason |
 |---|---|---|---|---|
 """

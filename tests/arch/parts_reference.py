@@ -60,6 +60,42 @@ def _restricted(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return (allowed & ok).to(mask.dtype)
 
 
+def _kept_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[B, S, 1] bool: the kept rows of ``t [B, S, H]``."""
+    return torch.zeros(t.shape[:2], dtype=torch.bool).scatter(1, idx, True)[..., None]
+
+
+def masked_reference(owner: nn.Module, idx: dict[int, torch.Tensor], pre_norm: bool) -> list[Any]:
+    """Hooks that turn an *unconverted* stack module into a differentiable reference for fixed kept indices
+    (layer -> ``[B, r]``): every part runs on all tokens, the attention's keys restricted to the kept ones,
+    and the dropped rows are selected away with ``torch.where``/a 0-1 factor on full tensors, so that
+    autograd, not the library's gathers and scatters, gives the gradients. Returns the hook handles."""
+    handles = []
+    for i, kept_idx in idx.items():
+        def restrict(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     _idx: torch.Tensor = kept_idx) -> tuple[Any, Any]:
+            return (args[0], _restricted(args[1], _idx), *args[2:]), kwargs
+
+        def zero_attention(_m: nn.Module, _a: tuple[Any, ...], out: Any, _idx: torch.Tensor = kept_idx) -> Any:
+            return (torch.where(_kept_rows(out[0], _idx), out[0], 0.0), *out[1:])
+
+        def zero_rows(_m: nn.Module, _a: tuple[Any, ...], out: torch.Tensor,
+                      _idx: torch.Tensor = kept_idx) -> torch.Tensor:
+            return torch.where(_kept_rows(out, _idx), out, 0.0)
+
+        def identity_rows(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor,
+                          _idx: torch.Tensor = kept_idx) -> torch.Tensor:
+            return torch.where(_kept_rows(out, _idx), out, args[0])
+
+        handles += [owner.attentions[i].register_forward_pre_hook(restrict, with_kwargs=True),
+                    owner.attentions[i].register_forward_hook(zero_attention),
+                    owner.ffns[i].register_forward_hook(zero_rows)]
+        if not pre_norm:  # post-norm: the norms' dropped rows pass unchanged (pre-norm's feed only zeroed parts)
+            handles += [owner.layer_norm1[i].register_forward_hook(identity_rows),
+                        owner.layer_norm2[i].register_forward_hook(identity_rows)]
+    return handles
+
+
 def check_parts_exact(batches: list[dict[str, torch.Tensor]], model: nn.Module) -> Outcome:
     """Compare every wrapped layer of a converted parts model with the per-layer reference, on each batch.
 

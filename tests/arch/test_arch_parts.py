@@ -32,7 +32,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache  # noqa: E402
 
-from .parts_reference import check_parts_exact  # noqa: E402
+from .parts_reference import check_parts_exact, masked_reference  # noqa: E402
 
 S, R = 12, 6
 VARIANTS = {  # name: (model class, config class, config settings)
@@ -50,9 +50,9 @@ def _one_thread() -> None:
 
 def build(name: str, **extra: Any) -> nn.Module:
     model_cls, config_cls, settings = VARIANTS[name]
-    cfg = getattr(transformers, config_cls)(
-        vocab_size=99, emb_dim=32, n_layers=4, n_heads=4, max_position_embeddings=64, dropout=0.0,
-        attention_dropout=0.0, **settings, **extra)
+    values = dict(vocab_size=99, emb_dim=32, n_layers=4, n_heads=4, max_position_embeddings=64, dropout=0.0,
+                  attention_dropout=0.0)
+    cfg = getattr(transformers, config_cls)(**{**values, **settings, **extra})
     torch.manual_seed(0)
     return getattr(transformers, model_cls)(cfg).train()
 
@@ -127,6 +127,48 @@ def test_eval_is_bitwise_the_unconverted_model_and_a_training_step_is_finite(nam
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, plain(**batch).logits)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gradients_equal_a_masked_full_length_reference(name: str) -> None:
+    """With fixed kept indices, the converted model's loss and gradients equal those of the unconverted model
+    whose wrapped layers run on all tokens with the keys restricted and the dropped rows selected away by
+    ``torch.where`` (``masked_reference``): autograd through the library's gathers and scatters against
+    autograd through full-length tensors."""
+    idx = {1: torch.tensor([[0, 2, 3, 6, 7, 9], [1, 2, 5, 7, 8, 11]]), 2: torch.tensor([[1, 3, 4, 5, 8, 10]] * 2)}
+    model = convert_to_random_ltd(build(name), reserved_length=R, verify="off")
+    for layer, wrapper in random_ltd_layers(model):
+        wrapper.sampler = lambda *_, _idx=idx[int(layer.rpartition(".")[2])], **__: _idx
+    plain = build(name)
+    masked_reference(plain.transformer, idx, pre_norm=bool(getattr(plain.transformer, "pre_norm", False)))
+    batch = batches(name, model)[0]
+    losses, grads = [], []
+    for m in (model, plain):
+        m.zero_grad()
+        loss = m(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        losses.append(loss)
+        grads.append({n.replace(".random_ltd_layer", ""): p.grad for n, p in m.named_parameters()
+                      if p.grad is not None})
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], atol=1e-6, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    assert grads[0]["transformer.ffns.1.lin1.weight"].abs().sum() > 0
+
+
+def test_the_masked_reference_catches_a_wrong_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    from random_ltd_cli import parts
+
+    real = parts.run_on_kept
+
+    def leaky(part: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, role: str) -> torch.Tensor:
+        out = real(part, hidden, idx, role)
+        return out + 1e-3 * (hidden - hidden.detach())  # same values, a gradient that leaks to every row
+
+    monkeypatch.setattr(parts, "run_on_kept", leaky)
+    with pytest.raises(AssertionError):
+        test_gradients_equal_a_masked_full_length_reference("xlm")
 
 
 def test_flaubert_layerdrop_skips_whole_layers_and_leaves_no_indices_behind() -> None:
