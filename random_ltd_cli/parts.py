@@ -111,7 +111,6 @@ class PartsSlot:
     def __init__(self, layout: PartsLayout, layer: int) -> None:
         self.layout, self.layer = layout, layer
         self.wrapper: RandomLayerTokenDrop | None = None  # the layer's attention (set at conversion)
-        self.hook: Any = None  # the owner's forward pre-hook handle
         self.clear()
 
     def clear(self) -> None:
@@ -280,7 +279,7 @@ class PartsPlan:
 
     slots: dict[str, PartsSlot]  # qualified name of the attention -> its slot
     proxies: list[tuple[str, LayerPart]]
-    owners: dict[str, list[PartsSlot]]
+    owners: dict[str, list[PartsSlot]]  # qualified name of each module that owns lists -> its slots
 
     def attach(self, root: nn.Module, wrappers: dict[str, RandomLayerTokenDrop]) -> None:
         """Link each wrapped attention to its slot, put the proxies in place, clear the slots on each owner forward."""
@@ -290,14 +289,19 @@ class PartsPlan:
         for name, proxy in self.proxies:
             parent, _, attr = name.rpartition(".")
             setattr(root.get_submodule(parent) if parent else root, attr, proxy)
-        for owner, slots in self.owners.items():
-            def clear(*_: Any, _slots: list[PartsSlot] = slots) -> None:
-                for s in _slots:
-                    s.clear()
+        for owner in self.owners:
+            (root.get_submodule(owner) if owner else root).register_forward_pre_hook(clear_slots)
 
-            handle = (root.get_submodule(owner) if owner else root).register_forward_pre_hook(clear)
-            for s in slots:
-                s.hook = handle
+
+def clear_slots(owner: nn.Module, *_: Any) -> None:
+    """Forward pre-hook of the module that owns the lists: a new forward, no indices of an earlier one.
+    (A module-level function that reads the slots from the module it is called on: a deep copy or a
+    pickle of the model gets a hook that clears its own slots.)"""
+    attentions = owner._modules.get(ATTENTION)
+    for attention in attentions.children() if attentions is not None else ():
+        slot = attention.__dict__.get("_parts")
+        if slot is not None:
+            slot.clear()
 
 
 def plan_parts(root: nn.Module, names: Sequence[str]) -> PartsPlan:
@@ -342,9 +346,10 @@ def detach_parts(root: nn.Module) -> None:
     """Put every proxied part's original back and remove the owners' hooks (``revert_random_ltd``)."""
     proxies = [(n, m) for n, m in root.named_modules() if isinstance(m, LayerPart)]
     for name, proxy in proxies:
-        slot: PartsSlot = proxy._slot
-        if slot.hook is not None:
-            slot.hook.remove()
-        slot.clear()
+        proxy._slot.clear()
         parent, _, attr = name.rpartition(".")
         setattr(root.get_submodule(parent) if parent else root, attr, proxy.random_ltd_layer)
+    for module in root.modules():
+        hooks = module._forward_pre_hooks
+        for key in [k for k, fn in hooks.items() if fn is clear_slots]:
+            del hooks[key]

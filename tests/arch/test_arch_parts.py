@@ -264,6 +264,22 @@ def test_a_part_called_out_of_its_layer_s_order_is_an_error() -> None:
     assert all(s.idx is None for s in _slots(model))
 
 
+def test_a_new_forward_clears_indices_a_broken_one_left_also_in_a_deep_copy() -> None:
+    original = convert_to_random_ltd(build("flaubert-pre-norm"), reserved_length=R, verify="off")
+    model = copy.deepcopy(original)
+    batch = batches("flaubert-pre-norm", model)[0]
+    for m in (original, model):  # a forward that stopped after layer 1's attention dropped
+        m.transformer.attentions[1](torch.randn(2, S, 32), torch.ones(2, S))
+    with pytest.raises(InputError, match=r"layer_norm1\[1\] \(LayerNorm\) was called out of its layer's order"):
+        model.transformer.layer_norm1[1](torch.randn(2, S, 32))  # pre-norm: runs before its attention
+    model.transformer.attentions[1](torch.randn(2, S, 32), torch.ones(2, S))
+    model(**batch)  # the copy's own hook cleared the copy's slots before layer 1's layer_norm1 ran
+    assert original.transformer.attentions[1]._parts.idx is not None  # and left the original's alone
+    original(**batch)
+    revert_random_ltd(model)
+    assert not model.transformer._forward_pre_hooks and original.transformer._forward_pre_hooks
+
+
 def test_revert_restores_the_original_modules_and_removes_the_hooks() -> None:
     model = build("flaubert-post-norm")
     before = {n: m for n, m in model.named_modules()}
