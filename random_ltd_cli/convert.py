@@ -167,7 +167,10 @@ def convert_to_random_ltd(
         model: any ``nn.Module`` (``DataParallel``/``DistributedDataParallel`` are unwrapped).
         layer_type: the layer class (or tuple of classes) to wrap. ``None`` finds the model's
             stack of transformer layers (the repeated class in its largest ``nn.ModuleList``;
-            the encoder's in an encoder-decoder model, see ``stack``).
+            the encoder's in an encoder-decoder model, see ``stack``). A model that keeps its layers
+            as parallel lists of parts (XLM, FlauBERT: ``attentions``, ``layer_norm1``, ``ffns``,
+            ``layer_norm2``) gets its attention list wrapped with ``dropped="zero"`` and the other
+            parts of each chosen layer proxied to run on its kept tokens (:mod:`random_ltd_cli.parts`).
         layers: which of the matched layers to wrap: ``"middle"`` (all but the first and the
             last, of each stack), ``"attention"`` (the middle layers whose token mixing is
             attention, in a hybrid stack; see :mod:`random_ltd_cli.mixers`), ``"all"``, indices

@@ -7,6 +7,7 @@ loop cut down to one layer's original parts, keys restricted to the kept ones), 
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -375,6 +376,10 @@ def test_cli_convert_names_the_parts_and_strip_loads_into_the_plain_model(tmp_pa
     assert "2 of 4 MultiHeadAttention layers wrapped" in r.stdout
     assert "the other parts of those layers run on their attention's kept tokens (6): transformer.layer_norm1.1, " \
            "transformer.layer_norm1.2, transformer.ffns.1" in r.stdout.replace("\n", " ")
+    r = subprocess.run([*cli, "inspect", str(tmp_path / "ltd"), "--json"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    wrapped = json.loads(r.stdout)["wrapped_layers"]  # every module that carries the random_ltd_layer segment
+    assert {"transformer.attentions.1", "transformer.ffns.1", "transformer.layer_norm2.2"} <= set(wrapped), wrapped
     r = subprocess.run([*cli, "strip", str(tmp_path / "ltd")], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     plain = transformers.XLMWithLMHeadModel.from_pretrained(str(tmp_path / "ltd.stripped"))
