@@ -67,11 +67,6 @@ class PartsLayout:
         """The parts that run after the attention, in the loop's order (the last one clears the indices)."""
         return ("layer_norm2", "ffns") if self.pre_norm else ("layer_norm1", "ffns", "layer_norm2")
 
-    def describe(self) -> str:
-        loop = "pre-norm" if self.pre_norm else "post-norm"
-        return (f"{self.owner or '<root>'}: layers as parallel lists ({', '.join(LISTS)}; {loop}): the attention list "
-                "is wrapped, the other parts are proxies that run on the kept tokens")
-
 
 def layout_of(root: nn.Module, owner: str) -> PartsLayout | str | None:
     """The parts layout of the module ``owner``: a :class:`PartsLayout`, the reason it cannot be
