@@ -1,0 +1,137 @@
+"""timm and open_clip beyond the sweep's rows (second environment, ``pytest -m tv``): the CLI's refusal for
+timm's grid models, the EVA/BEiT adapters' mistakes caught by both references, prefix tokens, CLIP's towers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from random_ltd_cli import VerificationError, convert_to_random_ltd, random_ltd_layers
+
+from . import zoo_vision as zv
+from .reference import result
+from .test_libs_sweep import _need
+from .zoo import BY_NAME, R
+
+pytestmark = pytest.mark.tv
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+SWIN = {"model_name": "swin_tiny_patch4_window7_224", "img_size": 32, "patch_size": 4, "window_size": 4,
+        "depths": [2, 4], "num_heads": [2, 2], "embed_dim": 16}
+CONVNEXT = {"model_name": "convnext_atto", "depths": [2, 2, 4, 2], "dims": [8, 16, 16, 16]}
+
+
+@pytest.mark.parametrize(("init", "text"), [
+    (SWIN, "SwinTransformerBlock exactly: it partitions its tokens into (shifted) windows of the image grid"),
+    (CONVNEXT, "ConvNeXtStage exactly: its token mixing is not attention"),
+])
+def test_inspect_reports_the_refusal_of_timm_grid_models(init: dict[str, Any], text: str, tmp_path: Path) -> None:
+    _need("timm-swin")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "random_ltd_cli", "inspect", "timm:create_model", "--init",
+                          json.dumps(init), "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert text in json.loads(run.stdout)["error"]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and text in errors[0], run.stderr
+
+
+def _mutated(name: str) -> str:
+    result.cache_clear()
+    try:
+        res = result(name)
+    finally:
+        result.cache_clear()
+    assert res.status == "FAIL", res.detail
+    return res.detail
+
+
+def _verifier_catches(name: str) -> None:
+    case = BY_NAME[name]
+    model = convert_to_random_ltd(case.build(), reserved_length=R).train()  # verify="first" (default)
+    torch.manual_seed(0)
+    with pytest.raises(VerificationError, match="random-LTD changes the output of"):
+        model(**case.batches()[-1])
+
+
+def test_eva_rope_gathered_at_the_wrong_positions_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the prefix offset the table rows of the kept patches are off by one (positions of the
+    neighbours): the sweep's reference and the built-in verifier both see it."""
+    _need("timm-eva02")
+    from random_ltd_cli import vision_adapters
+
+    def shifted(self: Any, value: Any, idx: torch.Tensor, seq_len: int, name: str) -> Any:
+        return value[None, None].expand(idx.shape[0], 1, *value.shape)[:, :, : idx.shape[1] - 1]
+
+    monkeypatch.setattr(vision_adapters._EvaRope, "_gather", shifted)
+    assert "differ from the reference" in _mutated("timm-eva02")
+    _verifier_catches("timm-eva02")
+
+
+def test_beit_bias_of_the_wrong_tokens_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bias for the first r tokens of the grid (what the layer would use if it built it for the tokens it
+    sees) differs from the reference."""
+    _need("timm-beit")
+    from random_ltd_cli import vision_adapters
+    from random_ltd_cli.tokens import gather_mask
+
+    def first_tokens(self: Any, idx: torch.Tensor, seq_len: int) -> Any:
+        attn, full = self.attn, type(self.attn)._get_rel_pos_bias
+        first = torch.arange(idx.shape[1])[None].expand_as(idx)
+        attn.__dict__["_get_rel_pos_bias"] = lambda: gather_mask(full(attn), first, seq_len)
+        try:
+            yield
+        finally:
+            del attn.__dict__["_get_rel_pos_bias"]
+
+    monkeypatch.setattr(vision_adapters._BeitBias, "around", contextlib.contextmanager(first_tokens))
+    assert "differ from the reference" in _mutated("timm-beit")
+    _verifier_catches("timm-beit")
+
+
+@pytest.mark.parametrize(("name", "always_first"), [
+    ("timm-eva02", True),  # its rope skips the class token: kept, at the front
+    ("timm-eva02-no-cls", False),  # no prefix: every token is drawn
+    ("timm-vit", False),  # the class token is drawn like any token (random-LTD's uniform draw)
+])
+def test_eva_keeps_its_class_token_and_other_tokens_are_drawn_uniformly(name: str, always_first: bool) -> None:
+    _need(name)
+    model = convert_to_random_ltd(BY_NAME[name].build(), reserved_length=R).train()
+    firsts = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model(zv.images(seed))
+        for _, wrapper in random_ltd_layers(model):
+            idx = wrapper.last_indices
+            assert idx is not None and idx.shape == (zv.BATCH, R)
+            firsts.append(bool((idx[:, 0] == 0).all()))
+    assert all(firsts) if always_first else not all(firsts)
+
+
+def test_clip_default_wraps_the_text_tower_and_each_tower_converts_on_its_own() -> None:
+    _need("open-clip-clip")
+    model = zv.ClipLogits()
+    convert_to_random_ltd(model, reserved_length=R)
+    assert {n.rpartition(".")[0] for n, _ in random_ltd_layers(model)} == {"clip.transformer.resblocks"}
+    both = zv.ClipLogits()
+    convert_to_random_ltd(both.clip.visual, reserved_length=R)
+    convert_to_random_ltd(both.clip.transformer, reserved_length=R)
+    wrapped = {n.rpartition(".")[0] for n, _ in random_ltd_layers(both)}
+    assert wrapped == {"clip.visual.transformer.resblocks", "clip.transformer.resblocks"}
+    torch.manual_seed(0)
+    logits = both.train()(**zv.clip_batches()[0])  # verify="first" checks every wrapped layer of both towers
+    assert logits.shape == (zv.BATCH, zv.BATCH) and bool(torch.isfinite(logits).all())
