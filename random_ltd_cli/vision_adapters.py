@@ -1,4 +1,4 @@
-"""Adapters for vision-transformer blocks of timm that derive positions from the grid.
+"""Adapters for vision-transformer blocks of timm and open_clip (positions from the grid, mask layouts).
 
 Recognised by structure (attributes and forward parameters), never by importing timm:
 
@@ -18,6 +18,9 @@ BEiT blocks               the attention builds its relative position bias ``[1, 
                           during the call the bias is gathered to the kept queries x keys
                           (``[B, H, r, r]``); a shared bias ``[H, S, S]`` passed by the
                           model (``shared_rel_pos_bias``) is gathered the same way.
+open_clip custom blocks   open_clip's own ``Attention`` takes masks in
+                          ``nn.MultiheadAttention``'s convention: 2-D ``[L,L]`` (never a
+                          ``[B,S]`` padding mask, even when B == L) or ``[B*heads,L,L]``.
 ========================  ===============================================================
 """
 
@@ -128,6 +131,23 @@ def _beit(layer: nn.Module) -> LayerAdapter | None:
     return None
 
 
+# -- open_clip's own attention: nn.MultiheadAttention's mask convention ---------------------------
+
+
+def _open_clip_custom(layer: nn.Module) -> LayerAdapter | None:
+    """open_clip's ``CustomResidualAttentionBlock``: its ``Attention`` (an ``in_proj_weight`` like
+    ``nn.MultiheadAttention``'s) takes a 2-D ``[L,L]`` or 3-D ``[B*heads,L,L]`` mask, the module's convention."""
+    from .library_adapters import _MultiheadBlock
+
+    attn = getattr(layer, "attn", None)
+    heads = getattr(attn, "num_heads", None)
+    if (isinstance(attn, nn.Module) and isinstance(getattr(attn, "in_proj_weight", None), nn.Parameter)
+            and isinstance(heads, int) and "attn_mask" in _params(attn.forward)
+            and "attn_mask" in _params(layer.forward)):
+        return _MultiheadBlock(heads, ["attn_mask"])
+    return None
+
+
 def find_vision_adapter(layer: nn.Module) -> LayerAdapter | None:
-    """The adapter a timm EVA or BEiT block needs, or ``None``."""
-    return _eva(layer) or _beit(layer)
+    """The adapter a timm EVA or BEiT block or an open_clip custom block needs, or ``None``."""
+    return _eva(layer) or _beit(layer) or _open_clip_custom(layer)

@@ -90,7 +90,8 @@ FOOTER = """
   like any other token (random-LTD draws `r` of all `S` positions); a dropped class token leaves the
   layer unchanged, which is what the reference says, so the rows are exact with every token eligible.
   To keep them in every layer anyway, pass `keep_prefix=1` (DeiT distilled: 2).
-- **timm EVA / EVA-02** (`EvaBlock`, `EvaBlockPostNorm`): the rotary table `rope` covers only the tokens
+- **timm EVA / EVA-02** (`EvaBlock`, `EvaBlockPostNorm`; also timm's RoPE ViTs, built from `EvaBlock`
+  with `AttentionRope`): the rotary table `rope` covers only the tokens
   after the `num_prefix_tokens` prefix (`[S - p, d]`, no batch axis), and the attention rotates
   `q[:, :, p:]`, `k[:, :, p:]` with it. The adapter always keeps the `p` prefix tokens (so they stay at
   the front of what the attention receives) and gathers the table **per sample** at the kept patch
@@ -104,7 +105,10 @@ FOOTER = """
   (`use_shared_rel_pos_bias`, passed as `shared_rel_pos_bias [H, S, S]`) is gathered the same way. The
   sweep fills the bias table (zeros at timm's initialisation) with random values so that it matters.
 - **open_clip**: the image tower (`VisionTransformer`) and the text tower (`TextTransformer`, causal
-  `[L,L]` float `attn_mask`; with `use_pad_mask`, `[B*heads, L, L]`) are exact. A whole `CLIP` model has
+  `[L,L]` float `attn_mask`; with `use_pad_mask`, `[B*heads, L, L]`) are exact. Towers built with
+  custom blocks (`CustomResidualAttentionBlock`, e.g. `qk_norm=True`) use open_clip's own `Attention`,
+  which reads masks in `nn.MultiheadAttention`'s convention (`[L,L]` or `[B*heads, L, L]`); the adapter
+  recognises it by its `in_proj_weight` and gathers them the same way. A whole `CLIP` model has
   two stacks of `ResidualAttentionBlock`s, `visual.transformer.resblocks` and `transformer.resblocks`;
   the default stack search takes the text tower (as for multimodal language models, the stack outside
   a `visual`/`vision` path). To drop image tokens, convert the image tower:

@@ -26,7 +26,8 @@ def _eager(model: nn.Module, eager: bool) -> nn.Module:
 
 
 def _randomize(model: nn.Module, *names: str) -> nn.Module:
-    """timm initialises some tables to zero (BEiT's relative position bias): random values make them count."""
+    """timm initialises some tables to zero or near zero (BEiT's relative position bias, layer scales): random
+    values make them count."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -45,7 +46,9 @@ def timm_model(name: str, eager: bool = False, vit: bool = True, **extra: Any) -
     kw.update(extra)
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kw)
-    return _eager(_randomize(model, "relative_position_bias_table", "cls_token", "dist_token"), eager)
+    # layer-scale factors (1e-5 in some configs) would make the blocks near-identities
+    return _eager(_randomize(model, "relative_position_bias_table", "cls_token", "dist_token", "reg_token", "gamma",
+                             "gamma_1", "gamma_2"), eager)
 
 
 def images(seed: int = 0) -> torch.Tensor:
@@ -74,12 +77,12 @@ def clip_vision() -> nn.Module:
                              output_dim=16)
 
 
-def clip_text(pad_mask: bool = False) -> nn.Module:
+def clip_text(pad_mask: bool = False, **extra: Any) -> nn.Module:
     from open_clip.transformer import TextTransformer
 
     torch.manual_seed(0)
     return TextTransformer(context_length=TEXT_LEN, vocab_size=VOCAB, width=32, heads=2, layers=4, mlp_ratio=2.0,
-                           output_dim=16, use_pad_mask=pad_mask)
+                           output_dim=16, use_pad_mask=pad_mask, **extra)
 
 
 def text_ids() -> torch.Tensor:
