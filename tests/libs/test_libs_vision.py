@@ -135,3 +135,26 @@ def test_clip_default_wraps_the_text_tower_and_each_tower_converts_on_its_own() 
     torch.manual_seed(0)
     logits = both.train()(**zv.clip_batches()[0])  # verify="first" checks every wrapped layer of both towers
     assert logits.shape == (zv.BATCH, zv.BATCH) and bool(torch.isfinite(logits).all())
+
+
+def test_eva_prefix_tokens_that_do_not_fit_in_r_are_an_input_error() -> None:
+    _need("timm-eva02")
+    from random_ltd_cli import InputError
+
+    model = convert_to_random_ltd(zv.timm_model("eva02_tiny_patch14_224", num_reg_tokens=4), reserved_length=4)
+    with pytest.raises(InputError, match=r"EvaBlock always keeps its 5 prefix token\(s\), which cannot fit in the "
+                                         r"reserved length r=4"):
+        model.train()(zv.images())
+
+
+def test_eva_rope_table_of_another_length_is_an_input_error() -> None:
+    _need("timm-eva02")
+    from random_ltd_cli import InputError
+
+    model = convert_to_random_ltd(BY_NAME["timm-eva02"].build(), reserved_length=R).train()
+    wrapper = random_ltd_layers(model)[0][1]
+    x, rope = torch.randn(2, 17, 32), model.rope.get_embed()  # rope for the 16 patches: right
+    assert wrapper(x, rope=rope).shape == x.shape
+    with pytest.raises(InputError, match=r"cannot gather timm's 'rope' of shape \(17, 32\): expected a rotary table "
+                                         r"for the 16 tokens after the 1 prefix token\(s\)"):
+        wrapper(x, rope=torch.cat([rope, rope[:1]]))
