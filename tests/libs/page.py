@@ -170,7 +170,7 @@ def _row(case: Case) -> str:
     return f"| {case.library} | {case.model} | {_cell(stack)} | {_cell(status)} | {args} | {_cell(case.notes)} |\n"
 
 
-GROUPS = {"main": "## The sweep", "tv": "## Vision libraries (second environment: timm, open_clip)"}
+GROUPS = {"main": "## The sweep", "tv": "## The sweep in the second environment (`.venv-tv`)"}
 
 
 def section(name: str) -> str:

@@ -31,9 +31,12 @@ CLAIMED = {"litgpt": "litgpt", "OLMo-core": "olmo_core", "Megatron-core": "megat
 # installs them in a second environment (.venv-tv, tests/libs/requirements-tv.txt) and runs their cases there
 # (``pytest -m tv``); in that run they must be importable under CI, in the main environment they skip.
 CLAIMED_TV = {"timm": "timm", "open_clip": "open_clip"}
-TV_REASON = ("it imports torchvision, whose PyPI wheel needs a CUDA build of torch (a CPU-only torch fails at import: "
-             "'operator torchvision::nms does not exist'); its cases run in the second test environment "
-             "(.venv-tv: torch 2.14.1 + torchvision 0.29.1, tests/libs/requirements-tv.txt, `pytest -m tv`)")
+_TORCHVISION = ("it imports torchvision, whose PyPI wheel needs a CUDA build of torch (a CPU-only torch fails at "
+                "import: 'operator torchvision::nms does not exist')")
+# Why each library of the second environment is not in the main one (the skip reason there).
+TV_WHY = {"timm": _TORCHVISION, "open_clip": _TORCHVISION}
+TV_WHERE = ("its cases run in the second test environment (.venv-tv: torch 2.14.1, tests/libs/requirements-tv.txt, "
+            "`pytest -m tv tests/libs`)")
 # Libraries that do not install cleanly in either test environment (what blocks them).
 NOT_INSTALLABLE = {
     "torchtitan": "torchtitan 0.3.0 (and 0.2.2) imports triton when its llama3 model is imported (MoE kernels), a "
@@ -74,7 +77,8 @@ def available(case: Case) -> str | None:
     if group(case) == "tv":  # installed is not enough: without a matching torchvision the import fails
         if found and _imports(module):
             return None
-        return f"{case.library} {'does not import' if found else 'is not installed'} here: {TV_REASON}"
+        why = TV_WHY.get(case.library, "it needs the second environment")
+        return f"{case.library} {'does not import' if found else 'is not installed'} here: {why}; {TV_WHERE}"
     return None if found else f"{case.library} is not installed ({module})"
 
 
