@@ -158,3 +158,20 @@ def test_eva_rope_table_of_another_length_is_an_input_error() -> None:
     with pytest.raises(InputError, match=r"cannot gather timm's 'rope' of shape \(17, 32\): expected a rotary table "
                                          r"for the 16 tokens after the 1 prefix token\(s\)"):
         wrapper(x, rope=torch.cat([rope, rope[:1]]))
+
+
+@pytest.mark.parametrize("name", ["timm-eva02", "timm-beit"])
+def test_timm_activation_checkpointing_gives_the_same_gradients(name: str) -> None:
+    """timm's ``set_grad_checkpointing`` recomputes each block (the wrapper) in the backward pass: the recompute
+    draws the same tokens and runs inside the adapter again (EVA's rope, BEiT's bias), so the gradients equal
+    the ones without checkpointing."""
+    _need(name)
+    grads = []
+    for checkpointing in (False, True):
+        model = convert_to_random_ltd(BY_NAME[name].build(), reserved_length=R, seed=3).train()
+        model.set_grad_checkpointing(checkpointing)
+        model(zv.images()).pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
