@@ -50,6 +50,33 @@ def test_inspect_reports_the_refusal_of_timm_grid_models(init: dict[str, Any], t
     assert len(errors) == 1 and text in errors[0], run.stderr
 
 
+EVA = {"model_name": "eva02_tiny_patch14_224", "img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32,
+       "num_heads": 2}
+CLIP_VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 4, "heads": 2, "mlp_ratio": 2.0,
+               "output_dim": 16}
+
+
+@pytest.mark.parametrize(("target", "init", "code", "text"), [
+    ("timm:create_model", EVA, 0, "Eva: 2 wrapped EvaBlock layers, verified on images [2, 3, 32, 32]"),
+    ("open_clip.transformer:VisionTransformer", CLIP_VISION, 0,
+     "VisionTransformer: 2 wrapped ResidualAttentionBlock layers, verified on images [2, 3, 32, 32]"),
+    ("timm:create_model", SWIN, 1, "SwinTransformer: conversion refused (2 SwinTransformerBlock layers)"),
+    ("timm:create_model", CONVNEXT, 1, "Error: random-LTD cannot drop tokens in ConvNeXtStage exactly: its token"),
+])
+def test_check_feeds_images_to_plain_vision_models_and_reports_refusals(
+        target: str, init: dict[str, Any], code: int, text: str, tmp_path: Path) -> None:
+    """`random-ltd check` reads a plain vision transformer's image size (timm's patch_embed.img_size, open_clip's
+    image_size); a model it cannot feed but that conversion refuses gets the refusal, not "which input?"."""
+    _need("timm-eva02")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "random_ltd_cli", "check", target, "--init", json.dumps(init)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == code, run.stdout + run.stderr
+    assert text in run.stdout + run.stderr
+    if code == 0:
+        assert run.stdout.count(" exact ") == 2, run.stdout
+
+
 def _mutated(name: str) -> str:
     result.cache_clear()
     try:
