@@ -141,7 +141,8 @@ def _open_clip_custom(layer: nn.Module) -> LayerAdapter | None:
 
     attn = getattr(layer, "attn", None)
     heads = getattr(attn, "num_heads", None)
-    if (isinstance(attn, nn.Module) and isinstance(getattr(attn, "in_proj_weight", None), nn.Parameter)
+    if (isinstance(attn, nn.Module) and not isinstance(attn, nn.MultiheadAttention)  # that one: _multihead
+            and isinstance(getattr(attn, "in_proj_weight", None), nn.Parameter)
             and isinstance(heads, int) and "attn_mask" in _params(attn.forward)
             and "attn_mask" in _params(layer.forward)):
         return _MultiheadBlock(heads, ["attn_mask"])
