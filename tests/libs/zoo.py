@@ -2,8 +2,10 @@
 
 Each case builds a 4-layer model (hidden 32) and the batches the sweep feeds it; ``expect`` is the
 status the sweep asserts (``exact`` or ``refused``). A library that is not installed makes its cases
-skip with the reason in :data:`NOT_INSTALLABLE` (or "not installed"); under ``CI`` the libraries in
-:data:`CLAIMED` must be importable.
+skip with the reason; under ``CI`` the libraries in :data:`CLAIMED` must be importable, and those in
+:data:`CLAIMED_TV` (timm, open_clip: the second environment, ``.venv-tv``) in that environment's run
+(``pytest -m tv tests/libs``; builders in ``zoo_vision.py``). :data:`NOT_INSTALLABLE` lists the libraries
+that install in neither environment.
 """
 
 from __future__ import annotations
