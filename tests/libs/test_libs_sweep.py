@@ -1,7 +1,8 @@
 """The library sweep: every case of tests/libs/zoo.py is exact against the independent reference, or refused.
 
 Cases whose library is not installed skip with the reason; under CI (env ``CI`` set) the libraries the
-sweep claims (``zoo.CLAIMED``, installed by the README's test command) must be importable.
+sweep claims (``zoo.CLAIMED``, installed by the README's test command) must be importable, and so must
+``zoo.CLAIMED_TV`` (torchtitan) in the second environment's run (``pytest -m tv``, marked ``tv``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from .reference import check_eval_identical, check_training_step, result
-from .zoo import BY_NAME, CASES, CLAIMED, available, in_ci
+from .zoo import BY_NAME, CASES, CLAIMED, CLAIMED_TV, Case, available, group, must_run
 
 
 @pytest.fixture(autouse=True)
@@ -19,14 +20,20 @@ def _one_thread() -> None:
 
 
 def _need(name: str) -> None:
-    reason = available(BY_NAME[name])
+    case = BY_NAME[name]
+    reason = available(case)
     if reason is not None:
-        if in_ci():
+        if must_run(case):
             pytest.fail(f"{reason}: the README's test command installs it; CI must not skip the claimed coverage")
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("name", [c.name for c in CASES])
+def params(cases: list[Case]) -> list[object]:
+    """Case names for parametrize; the second environment's cases marked ``tv``."""
+    return [pytest.param(c.name, id=c.name, marks=[pytest.mark.tv] if group(c) == "tv" else []) for c in cases]
+
+
+@pytest.mark.parametrize("name", params(CASES))
 def test_case_is_exact_or_refused(name: str) -> None:
     _need(name)
     case = BY_NAME[name]
@@ -36,7 +43,7 @@ def test_case_is_exact_or_refused(name: str) -> None:
         assert case.refusal in res.detail, res.detail
 
 
-@pytest.mark.parametrize("name", [c.name for c in CASES if c.expect == "exact"])
+@pytest.mark.parametrize("name", params([c for c in CASES if c.expect == "exact"]))
 def test_converted_model_trains_one_step(name: str) -> None:
     _need(name)
     if BY_NAME[name].backward:
@@ -44,11 +51,13 @@ def test_converted_model_trains_one_step(name: str) -> None:
     assert check_training_step(BY_NAME[name]) > 0
 
 
-@pytest.mark.parametrize("name", [c.name for c in CASES if c.expect == "exact"])
+@pytest.mark.parametrize("name", params([c for c in CASES if c.expect == "exact"]))
 def test_converted_model_in_eval_mode_equals_the_unconverted_one(name: str) -> None:
     _need(name)
     check_eval_identical(BY_NAME[name])
 
 
+@pytest.mark.tv
 def test_every_claimed_library_has_a_case() -> None:
-    assert {c.library for c in CASES} == set(CLAIMED)
+    assert {c.library for c in CASES} == set(CLAIMED) | set(CLAIMED_TV)
+    assert {c.library for c in CASES if group(c) == "tv"} == set(CLAIMED_TV)

@@ -3,7 +3,7 @@
 Each case builds a 4-layer model (hidden 32) and the batches the sweep feeds it; ``expect`` is the
 status the sweep asserts (``exact`` or ``refused``). A library that is not installed makes its cases
 skip with the reason in :data:`NOT_INSTALLABLE` (or "not installed"); under ``CI`` the libraries in
-:data:`CLAIMED` must be importable.
+:data:`CLAIMED` must be importable, and those in :data:`CLAIMED_TV` in the second environment's run.
 """
 
 from __future__ import annotations
@@ -23,13 +23,18 @@ VOCAB = 97
 
 # Libraries the sweep claims to cover: installed by the README's test command, required in CI.
 CLAIMED = {"litgpt": "litgpt", "OLMo-core": "olmo_core", "Megatron-core": "megatron.core", "torch": "torch"}
+# Libraries of the second test environment (.venv-tv: torch 2.14.1, a CUDA build that runs on the CPU, with
+# triton), run with ``pytest -m tv tests/libs``: there they must be importable under CI, here they skip.
+CLAIMED_TV = {"torchtitan": "torchtitan"}
+TV_REASONS = {
+    "torchtitan": "torchtitan 0.3 imports triton when its llama3 model is imported (MoE kernels), which the CPU "
+                  "build of torch 2.13 lacks; its cases run in the second test environment (.venv-tv, `pytest -m tv`)",
+}
 # Libraries that do not install cleanly next to the CPU build of torch 2.13 (what blocks them).
 NOT_INSTALLABLE = {
     "timm": "timm imports torchvision at import time (timm.data), and torchvision's only x86-64 wheel on PyPI is "
             "a CUDA build: with the CPU torch it fails at import ('operator torchvision::nms does not exist')",
     "open_clip": "open_clip imports torchvision (open_clip.transform) and timm; see timm",
-    "torchtitan": "torchtitan 0.3.0 (and 0.2.2) imports triton when its llama3 model is imported (MoE kernels), a "
-                  "285 MB GPU-compiler wheel, and pulls datasets, wandb and tensorboard",
 }
 
 
@@ -38,7 +43,7 @@ class Case:
     """One model of the library sweep."""
 
     name: str  # pytest id and docs row
-    library: str  # a key of CLAIMED
+    library: str  # a key of CLAIMED or CLAIMED_TV
     model: str  # what is built, for the docs
     build: Callable[[], nn.Module]
     batches: Callable[[], list[dict[str, Any]]]  # keyword batches for model(**batch); the first one is padded
@@ -51,18 +56,36 @@ class Case:
     backward: str = ""  # why a training step cannot run here (e.g. no CPU backward), else ""
 
 
+def group(case: Case) -> str:
+    """``"tv"`` for the cases of the second environment, else ``"main"``."""
+    return "tv" if case.library in CLAIMED_TV else "main"
+
+
 def available(case: Case) -> str | None:
     """``None`` when the case's library imports, else the reason it is skipped."""
-    module = CLAIMED[case.library]
+    module = {**CLAIMED, **CLAIMED_TV}[case.library]
     try:
         found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         found = False
-    return None if found else f"{case.library} is not installed ({module})"
+    if found:
+        return None
+    if group(case) == "tv":
+        return f"{case.library} is not installed: {TV_REASONS[case.library]}"
+    return f"{case.library} is not installed ({module})"
 
 
 def in_ci() -> bool:
     return bool(os.environ.get("CI"))
+
+
+TV_RUN = [False]  # set by tests/libs/conftest.py: this pytest run selects the second environment's tests (-m tv)
+
+
+def must_run(case: Case) -> bool:
+    """Whether a missing library fails the case instead of skipping it: under CI, the main group always,
+    the tv group in the second environment's run (``pytest -m tv``)."""
+    return in_ci() and (group(case) == "main" or TV_RUN[0])
 
 
 def _ids(seed: int = 0, batch: int = B) -> torch.Tensor:
@@ -296,4 +319,26 @@ CASES: list[Case] = [
     Case("torch-mha-seq-first", "torch", "nn.TransformerEncoder (sequence-first)", lambda: _torch_encoder(False),
          _torch_batches, "sdpa", batch_first=False, notes="[S,B,H]; causal [L,L] attn mask with B == S"),
 ]
+
+# -- torchtitan (second environment; builders in zoo_titan.py) ------------------------------------------------
+
+_TITAN_CPU = ("flex attention has no CPU backward in torch 2.14 either, and it is torchtitan 0.3's only attention "
+              "for its language models on CPU (sdpa is retired there, varlen needs CUDA)")
+CASES += [
+    Case("torchtitan-llama3", "torchtitan", "torchtitan Llama3Model (debugmodel layout, flex attention)",
+         lambda: _titan().TitanStep(), lambda: _titan().batches(), "flex", backward=_TITAN_CPU,
+         notes="called as torchtitan's trainer calls it (masks from positions); batches: packed documents, one "
+               "document, positions=None in the blocks"),
+    Case("torchtitan-llama3-varlen", "torchtitan", "torchtitan Llama3Model (varlen attention)",
+         lambda: _titan().TitanStep("varlen"), lambda: _titan().batches(), "flex", expect="refused",
+         refusal="its varlen attention (torchtitan VarlenAttention)", notes="varlen attention runs on CUDA only"),
+]
+
+
+def _titan() -> Any:
+    from . import zoo_titan
+
+    return zoo_titan
+
+
 BY_NAME = {c.name: c for c in CASES}
