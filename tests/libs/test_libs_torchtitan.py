@@ -1,0 +1,183 @@
+"""torchtitan: the built-in verifier agrees with the sweep, both catch the silent errors the adapter prevents,
+the CLI reaches a torchtitan model through a file path, and (in every environment) a torchtitan-shaped toy
+block shows the adapter's rules without torchtitan installed."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from random_ltd_cli import ConversionError, convert_to_random_ltd, random_ltd_layers, verify_random_ltd
+
+from .reference import restricted_sdpa, result
+from .test_libs_sweep import _need
+from .zoo import BY_NAME, R
+
+ROOT = Path(__file__).resolve().parents[2]
+TITAN = "torchtitan-llama3"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _converted(**kwargs: Any) -> nn.Module:
+    return convert_to_random_ltd(BY_NAME[TITAN].build(), reserved_length=R, **kwargs).train()
+
+
+@pytest.mark.tv
+def test_the_builtin_verifier_finds_every_layer_exact_on_every_batch() -> None:
+    _need(TITAN)
+    model = _converted()
+    for batch in BY_NAME[TITAN].batches():
+        verdicts = verify_random_ltd(model, **batch)
+        assert [v.status for v in verdicts] == ["exact", "exact"], [v.message() for v in verdicts]
+        assert {v.method for v in verdicts} == {"flex"}
+
+
+@pytest.mark.tv
+def test_training_forwards_pass_the_default_verifier() -> None:
+    """verify="first" (the default) checks each argument signature once and raises on a mismatch."""
+    _need(TITAN)
+    model = _converted()
+    with torch.no_grad():  # flex attention has no CPU backward
+        for batch in BY_NAME[TITAN].batches():
+            model(**batch)
+    for _, wrapper in random_ltd_layers(model):
+        assert wrapper.last_indices is not None and wrapper.last_indices.shape == (2, R)
+        assert len(wrapper._verified) == 2  # positions as a tensor, and None
+
+
+def _mutated(monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from random_ltd_cli import library_torchtitan, tokens
+
+    if which == "positions":  # the blocks get positions=None: the RoPE reads 0..r-1 of the kept tokens
+        monkeypatch.setattr(library_torchtitan._Torchtitan, "prepare", lambda self, call, hidden, seq_len: None)
+    else:  # the BlockMask asks about kept-token numbers: document boundaries land elsewhere
+
+        def naive(mask: Any, idx: torch.Tensor, seq_len: int, name: str) -> Any:
+            return create_block_mask(mask.mask_mod, idx.shape[0], None, idx.shape[1], idx.shape[1],
+                                     device=idx.device)
+
+        monkeypatch.setattr(tokens, "_rebuild_block_mask", naive)
+
+
+@pytest.mark.tv
+@pytest.mark.parametrize(("which", "batch"), [("positions", 2), ("block-mask", 0)])
+def test_both_references_catch_the_silent_error_without_the_adapter(
+        which: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    _need(TITAN)
+    _mutated(monkeypatch, which)
+    result.cache_clear()
+    try:
+        res = result(TITAN)
+    finally:
+        result.cache_clear()
+    assert res.status == "FAIL" and "differ from the reference" in res.detail, res.detail
+    verdicts = verify_random_ltd(_converted(verify="off"), **BY_NAME[TITAN].batches()[batch])
+    assert "wrong" in {v.status for v in verdicts}, [v.message() for v in verdicts]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "random_ltd_cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+@pytest.mark.tv
+def test_cli_checks_a_torchtitan_model_and_refuses_varlen() -> None:
+    _need(TITAN)
+    target = "tests/libs/zoo_titan.py:TitanStep"
+    done = _cli("check", target, "--vocab-size", "97", "--seq-len", "12", "--r", "6", "--json")
+    assert done.returncode == 0, done.stderr
+    layers = json.loads(done.stdout)["layers"]
+    assert [(v["layer_class"], v["status"], v["method"]) for v in layers] == [
+        ("Llama3TransformerBlock", "exact", "flex")] * 2
+    refused = _cli("inspect", target, "--init", '{"attn_backend": "varlen"}')
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.startswith("Error: random-LTD cannot drop tokens in Llama3TransformerBlock exactly: its "
+                                     "varlen attention (torchtitan VarlenAttention)"), refused.stderr
+    assert "attn_backend='flex'" in refused.stderr
+
+
+# -- a torchtitan-shaped block without torchtitan (every environment) -------------------------------------------
+
+
+class RopeBlock(nn.Module):
+    """``forward(x, attention_masks, positions)`` as torchtitan's blocks: causal SDPA (no masks), rotary
+    positions from ``positions``, or ``0..L-1`` of the ``L`` tokens it receives when they are ``None``."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # t [B,h,L,d], pos [1|B,L]
+        half = t.shape[-1] // 2
+        freqs = pos[:, None, :, None].float() / (100.0 ** (torch.arange(half) / half))
+        cos, sin = freqs.cos(), freqs.sin()
+        a, b = t[..., :half], t[..., half:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+    def forward(self, x: torch.Tensor, attention_masks: Any, positions: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(s)[None] if positions is None else positions
+        q, k = self._rope(q, pos), self._rope(k, pos)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / math.sqrt(d // self.heads))
+        return x + self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+class VarlenAttention(nn.Module):  # the name torchtitan's varlen inner attention has
+    pass
+
+
+class Toy(nn.Module):
+    def __init__(self, varlen: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleDict({str(i): RopeBlock() for i in range(4)})
+        if varlen:
+            for block in self.layers.values():
+                block.inner_attention = VarlenAttention()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.layers.values():
+            x = layer(x, None, positions)
+        return x
+
+
+@pytest.mark.parametrize("positions", [None, torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [5, 6, 7, 8, 9, 10,
+                                                                                            11, 12, 13, 14]])])
+def test_a_torchtitan_shaped_block_keeps_its_original_positions(positions: torch.Tensor | None) -> None:
+    model = convert_to_random_ltd(Toy(), reserved_length=4).train()
+    wrapper = random_ltd_layers(model)[0][1]
+    assert wrapper.seq_args["positions"] == "b s"
+    x = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        out = wrapper(x, None, positions)
+        idx = wrapper.last_indices
+        assert idx is not None
+        kept = torch.zeros(2, 10, dtype=torch.bool).scatter(1, idx, True)
+        with restricted_sdpa(kept, [0]):
+            ref = wrapper.random_ltd_layer(x, None, positions)
+    torch.testing.assert_close(out[kept], ref[kept], atol=2e-5, rtol=1e-4)
+    assert torch.equal(out[~kept], x[~kept])
+
+
+def test_a_torchtitan_shaped_block_with_varlen_attention_is_refused_untouched() -> None:
+    model = Toy(varlen=True)
+    with pytest.raises(ConversionError, match=r"RopeBlock exactly: its varlen attention \(torchtitan "
+                                              r"VarlenAttention\).*attn_backend='flex'") as info:
+        convert_to_random_ltd(model, reserved_length=4)
+    assert "The model is unchanged" in str(info.value) and not random_ltd_layers(model)
