@@ -11,8 +11,10 @@ torchtitan. A torchtitan block is called as ``block(x, attention_masks, position
   rebuilt for the kept tokens from its ``mask_mod`` at the original positions (:mod:`.tokens`).
   torchtitan's varlen attention takes ``VarlenMetadata`` (cumulative document lengths) instead, which
   is refused at conversion.
-* ``freqs_cis`` (torchtitan 0.2's blocks take the whole rotary table, ``[max_seq_len, d/2]``): the
-  table is indexed by ``positions``, so it is passed unchanged.
+* ``freqs_cis`` (torchtitan 0.2's blocks, ``block(x, freqs_cis, attention_masks, positions)``, take the
+  whole rotary table ``[max_seq_len, d/2]`` and slice ``[:L]`` without positions): with the positions
+  passed, the table is indexed by them, so it goes in unchanged. (Read from 0.2's source and tested on a
+  block of that form; torchtitan 0.2 itself imports tensorboard and torchdata and is not in the sweep.)
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ block shows the adapter's rules without torchtitan installed."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -115,27 +114,37 @@ def test_cli_checks_a_torchtitan_model_and_refuses_varlen() -> None:
 
 
 class RopeBlock(nn.Module):
-    """``forward(x, attention_masks, positions)`` as torchtitan's blocks: causal SDPA (no masks), rotary
-    positions from ``positions``, or ``0..L-1`` of the ``L`` tokens it receives when they are ``None``."""
+    """``forward(x, attention_masks, positions)`` as torchtitan 0.3's blocks: causal SDPA (no masks), rotary
+    angles at ``positions``, or at ``0..L-1`` of the ``L`` tokens it receives when they are ``None``."""
 
     def __init__(self, dim: int = 16, heads: int = 2) -> None:
         super().__init__()
         self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
-    def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # t [B,h,L,d], pos [1|B,L]
-        half = t.shape[-1] // 2
-        freqs = pos[:, None, :, None].float() / (100.0 ** (torch.arange(half) / half))
-        cos, sin = freqs.cos(), freqs.sin()
-        a, b = t[..., :half], t[..., half:]
-        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-
-    def forward(self, x: torch.Tensor, attention_masks: Any, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:  # angles [1|B, L, d/2]
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        pos = torch.arange(s)[None] if positions is None else positions
-        q, k = self._rope(q, pos), self._rope(k, pos)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / math.sqrt(d // self.heads))
+        cos, sin = angles[:, None].cos(), angles[:, None].sin()
+
+        def rope(t: torch.Tensor) -> torch.Tensor:
+            a, c = t.chunk(2, dim=-1)
+            return torch.cat([a * cos - c * sin, a * sin + c * cos], dim=-1)
+
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
         return x + self.out(y.transpose(1, 2).reshape(b, s, d))
+
+    def forward(self, x: torch.Tensor, attention_masks: Any, positions: torch.Tensor | None = None) -> torch.Tensor:
+        pos = torch.arange(x.shape[1])[None] if positions is None else positions
+        return self.attend(x, pos[..., None].float() / 100.0 ** (torch.arange(4) / 4))
+
+
+class TableBlock(RopeBlock):
+    """torchtitan 0.2's form, ``forward(x, freqs_cis, attention_masks, positions)``: the whole angle table
+    ``[max_seq_len, d/2]``, sliced to ``[:L]`` without positions, indexed by them otherwise."""
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, attention_masks: Any,  # type: ignore[override]
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(x, freqs_cis[None, : x.shape[1]] if positions is None else freqs_cis[positions])
 
 
 class VarlenAttention(nn.Module):  # the name torchtitan's varlen inner attention has
@@ -143,34 +152,40 @@ class VarlenAttention(nn.Module):  # the name torchtitan's varlen inner attentio
 
 
 class Toy(nn.Module):
-    def __init__(self, varlen: bool = False) -> None:
+    def __init__(self, table: bool = False, varlen: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.layers = nn.ModuleDict({str(i): RopeBlock() for i in range(4)})
+        self.table = table
+        self.layers = nn.ModuleDict({str(i): (TableBlock if table else RopeBlock)() for i in range(4)})
         if varlen:
             for block in self.layers.values():
                 block.inner_attention = VarlenAttention()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        freqs = torch.arange(x.shape[1])[:, None].float() / 100.0 ** (torch.arange(4) / 4)  # max_seq_len = S
         for layer in self.layers.values():
-            x = layer(x, None, positions)
+            x = layer(x, freqs, None, positions) if self.table else layer(x, None, positions)
         return x
 
 
-@pytest.mark.parametrize("positions", [None, torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [5, 6, 7, 8, 9, 10,
-                                                                                            11, 12, 13, 14]])])
-def test_a_torchtitan_shaped_block_keeps_its_original_positions(positions: torch.Tensor | None) -> None:
-    model = convert_to_random_ltd(Toy(), reserved_length=4).train()
+PACKED = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["positions", "freqs_cis"])
+@pytest.mark.parametrize("positions", [None, PACKED], ids=["none", "packed"])
+def test_a_torchtitan_shaped_block_keeps_its_original_positions(table: bool, positions: torch.Tensor | None) -> None:
+    model = convert_to_random_ltd(Toy(table), reserved_length=4).train()  # verify="first": also the verifier
     wrapper = random_ltd_layers(model)[0][1]
     assert wrapper.seq_args["positions"] == "b s"
     x = torch.randn(2, 10, 16)
+    call = (x, torch.arange(10)[:, None].float() / 100.0 ** (torch.arange(4) / 4)) if table else (x,)
     with torch.no_grad():
-        out = wrapper(x, None, positions)
+        out = wrapper(*call, None, positions)
         idx = wrapper.last_indices
         assert idx is not None
         kept = torch.zeros(2, 10, dtype=torch.bool).scatter(1, idx, True)
         with restricted_sdpa(kept, [0]):
-            ref = wrapper.random_ltd_layer(x, None, positions)
+            ref = wrapper.random_ltd_layer(*call, None, positions)
     torch.testing.assert_close(out[kept], ref[kept], atol=2e-5, rtol=1e-4)
     assert torch.equal(out[~kept], x[~kept])
 
