@@ -80,15 +80,17 @@ FOOTER = """
 - **Flex attention** (torchtitan passes its masks as a `BlockMask` in `attention_masks`): the mask is
   rebuilt for the kept tokens with a `mask_mod` that asks the original one about the original positions.
   Flex attention has no CPU backward in torch 2.13 (nor 2.14), so that row is checked without gradients.
-- **torchtitan** (0.3.0, second environment): the llama3 blocks sit in a `ModuleDict` (found by the
-  default stack search) and are called as `block(h, attention_masks, positions)`. `positions [B,S]`
+- **torchtitan** (0.3.0, second environment; llama3, qwen3 and qwen3 MoE blocks): the blocks sit in a
+  `ModuleDict` (found by the default stack search) and are called as `block(h, attention_masks, positions)`. `positions [B,S]`
   (restarting at 0 for packed documents) are the rotary positions: they are gathered per sample, so the
   kept tokens keep their original positions; when they are `None` the RoPE would read `0..L-1` of what
   the block receives, so `0..S-1` are passed first and gathered. The flex-attention `BlockMask` (causal
   and packed documents, from `model.get_attention_masks(positions)`) is rebuilt for the kept tokens as
   above. The sweep calls the model as torchtitan's trainer does (masks from the batch's positions) on
   packed documents, one document, and `positions=None` in the blocks; the built-in verifier
-  (`verify="first"`) agrees (it runs torchtitan's `torch.compile`d flex attention eagerly). torchtitan 0.3
+  (`verify="first"`) agrees (it runs torchtitan's `torch.compile`d flex attention eagerly). MoE blocks
+  route each token on its own (token-choice, no capacity limit outside HybridEP), so the kept tokens are
+  routed as they would be among all tokens; the experts' load statistics count the kept tokens. torchtitan 0.3
   refuses SDPA for its language models, and flex attention has no CPU backward, so the row is checked
   without gradients. Varlen attention (`attn_backend="varlen"`, CUDA only) is refused at conversion: its
   `VarlenMetadata` holds cumulative document lengths over the whole sequence, which random-LTD does not

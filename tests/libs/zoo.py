@@ -329,6 +329,12 @@ CASES += [
          lambda: _titan().TitanStep(), lambda: _titan().batches(), "flex", backward=_TITAN_CPU,
          notes="called as torchtitan's trainer calls it (masks from positions); batches: packed documents, one "
                "document, positions=None in the blocks"),
+    Case("torchtitan-qwen3", "torchtitan", "torchtitan Qwen3Model (debugmodel layout, flex attention)",
+         lambda: _titan().TitanStep(flavor="qwen3"), lambda: _titan().batches(), "flex", backward=_TITAN_CPU,
+         notes="grouped-query attention, qk-norm, cos/sin RoPE, tied embeddings; batches as above"),
+    Case("torchtitan-qwen3-moe", "torchtitan", "torchtitan Qwen3Model (debugmodel_moe layout, flex attention)",
+         lambda: _titan().TitanStep(flavor="qwen3-moe"), lambda: _titan().batches(), "flex", backward=_TITAN_CPU,
+         notes="MoE blocks: each token routed to 2 of 4 experts (token-choice, no capacity limit)"),
     Case("torchtitan-llama3-varlen", "torchtitan", "torchtitan Llama3Model (varlen attention)",
          lambda: _titan().TitanStep("varlen"), lambda: _titan().batches(), "flex", expect="refused",
          refusal="its varlen attention (torchtitan VarlenAttention)", notes="varlen attention runs on CUDA only"),
