@@ -8,7 +8,8 @@ torchtitan. A torchtitan block is called as ``block(x, attention_masks, position
   are ``None``. On the kept tokens that would be ``0..r-1``, so the adapter passes ``0..S-1`` first and
   gathers them per sample: the kept tokens keep their original positions.
 * ``attention_masks``: a flex-attention ``BlockMask`` (causal, packed documents, sliding windows) is
-  rebuilt for the kept tokens from its ``mask_mod`` at the original positions (:mod:`.tokens`).
+  rebuilt for the kept tokens from its ``mask_mod`` at the original positions (:mod:`.tokens`); a dict of
+  them (gpt-oss: one per window kind, each block picks its own) is rebuilt mask by mask.
   torchtitan's varlen attention takes ``VarlenMetadata`` (cumulative document lengths) instead, which
   is refused at conversion.
 * ``freqs_cis`` (torchtitan 0.2's blocks, ``block(x, freqs_cis, attention_masks, positions)``, take the
@@ -22,8 +23,9 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any
 
-from .adapters import LayerAdapter
+from .adapters import LayerAdapter, _CustomAlignment
 from .alignment import Alignment
+from .tokens import gather_mask
 
 if TYPE_CHECKING:  # imported by library_adapters (torch already loaded); no module-level torch here
     import torch
@@ -47,13 +49,22 @@ class _Torchtitan(LayerAdapter):
         self.tables = tables
 
     def alignments(self) -> dict[str, Alignment]:
-        return {"positions": POSITIONS, **{n: TABLE for n in self.tables}}
+        masks = _CustomAlignment("mask | {key: mask}", _gather_masks)
+        return {"positions": POSITIONS, "attention_masks": masks, **{n: TABLE for n in self.tables}}
 
     def prepare(self, call: Any, hidden: torch.Tensor, seq_len: int) -> None:
         import torch
 
         if call.get("positions") is None:  # the rope would read 0..r-1 on the kept tokens
             call.set("positions", torch.arange(seq_len, device=hidden.device)[None])
+
+
+def _gather_masks(value: Any, idx: torch.Tensor, seq_len: int, name: str) -> Any:
+    """A mask, or a dict of masks (gpt-oss's ``{"basic_mask": ..., "sliding_window_mask": ...}``), for the
+    kept tokens."""
+    if isinstance(value, dict):
+        return {k: gather_mask(v, idx, seq_len, f"{name}[{k!r}]") for k, v in value.items()}
+    return gather_mask(value, idx, seq_len, name)
 
 
 def _is_torchtitan_block(layer: nn.Module) -> bool:

@@ -81,20 +81,25 @@ FOOTER = """
   rebuilt for the kept tokens with a `mask_mod` that asks the original one about the original positions.
   Flex attention has no CPU backward in torch 2.13 (nor 2.14), so that row is checked without gradients.
 - **torchtitan** (0.3.0, second environment; llama3, qwen3 and qwen3 MoE blocks): the blocks sit in a
-  `ModuleDict` (found by the default stack search) and are called as `block(h, attention_masks, positions)`. `positions [B,S]`
-  (restarting at 0 for packed documents) are the rotary positions: they are gathered per sample, so the
-  kept tokens keep their original positions; when they are `None` the RoPE would read `0..L-1` of what
-  the block receives, so `0..S-1` are passed first and gathered. The flex-attention `BlockMask` (causal
-  and packed documents, from `model.get_attention_masks(positions)`) is rebuilt for the kept tokens as
-  above. The sweep calls the model as torchtitan's trainer does (masks from the batch's positions) on
-  packed documents, one document, and `positions=None` in the blocks; the built-in verifier
-  (`verify="first"`) agrees (it runs torchtitan's `torch.compile`d flex attention eagerly). MoE blocks
-  route each token on its own (token-choice, no capacity limit outside HybridEP), so the kept tokens are
-  routed as they would be among all tokens; the experts' load statistics count the kept tokens. torchtitan 0.3
-  refuses SDPA for its language models, and flex attention has no CPU backward, so the row is checked
-  without gradients. Varlen attention (`attn_backend="varlen"`, CUDA only) is refused at conversion: its
-  `VarlenMetadata` holds cumulative document lengths over the whole sequence, which random-LTD does not
-  rebuild; use `attn_backend="flex"`.
+  `ModuleDict` (found by the default stack search) and are called as
+  `block(h, attention_masks, positions)`. `positions [B,S]` (restarting at 0 for packed documents) are
+  the rotary positions: they are gathered per sample, so the kept tokens keep their original positions;
+  when they are `None` the RoPE would read `0..L-1` of what the block receives, so `0..S-1` are passed
+  first and gathered. The flex-attention `BlockMask` (causal and packed documents, from
+  `model.get_attention_masks(positions)`) is rebuilt for the kept tokens as above; a dict of them
+  (gpt-oss: one per window kind) mask by mask (tested on a block of that form: gpt-oss itself does not
+  run on CPU, its experts compute in bfloat16). MoE blocks route each token on its own (token-choice, no
+  capacity limit outside HybridEP), so the kept tokens are routed as among all tokens; the experts' load
+  statistics count the kept tokens. The sweep calls the model as torchtitan's trainer does (masks from
+  the batch's positions) on packed documents, one document, and `positions=None` in the blocks; the
+  built-in verifier (`verify="first"`) agrees (it runs torchtitan's `torch.compile`d flex attention
+  eagerly). torchtitan 0.3 refuses SDPA for its language models and flex attention has no CPU backward,
+  so these rows are checked without gradients. Varlen attention (`attn_backend="varlen"`, CUDA only) is
+  refused at conversion: its `VarlenMetadata` holds cumulative document lengths over the whole
+  sequence, which random-LTD does not rebuild; use `attn_backend="flex"`. Convert the model after
+  torchtitan builds it and before its `parallelize_fn` (activation checkpointing, `torch.compile` and
+  FSDP wrap the blocks); a block already inside torch's `CheckpointWrapper` is refused (no hidden-state
+  argument in `forward(*args, **kwargs)`).
 - **Swin-style windows and convolutional blocks** (timm's Swin and ConvNeXt): refused at conversion
   (`window_size` + `shift_size`, or a convolution with a kernel wider than 1 inside the layer), and
   `random-ltd inspect` reports the refusal.

@@ -190,6 +190,87 @@ def test_a_torchtitan_shaped_block_keeps_its_original_positions(table: bool, pos
     assert torch.equal(out[~kept], x[~kept])
 
 
+def test_converted_blocks_under_torchtitans_activation_checkpointing_train_as_without_it() -> None:
+    """torchtitan's parallelize_fn wraps each block of ``model.layers`` in torch's ``CheckpointWrapper``: on a
+    converted model that wraps the random-LTD wrappers, and the recompute in the backward pass runs on the same
+    kept tokens as the forward (the same gradients as without checkpointing)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    x = torch.randn(2, 10, 16)
+    grads = []
+    for ac in (False, True):
+        model = convert_to_random_ltd(Toy(), reserved_length=4).train()
+        if ac:
+            for key in list(model.layers.keys()):
+                model.layers[key] = checkpoint_wrapper(model.layers[key])
+        torch.manual_seed(0)
+        model(x, PACKED).pow(2).mean().backward()
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_a_block_already_inside_a_checkpoint_wrapper_is_refused() -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = Toy()
+    for key in list(model.layers.keys()):
+        model.layers[key] = checkpoint_wrapper(model.layers[key])
+    with pytest.raises(ConversionError, match=r"CheckpointWrapper.forward has no recognisable hidden-state"):
+        convert_to_random_ltd(model, reserved_length=4)
+    assert not random_ltd_layers(model)
+
+
+class WindowedFlexBlock(nn.Module):
+    """gpt-oss's block form: ``attention_masks`` is a dict of flex ``BlockMask``s, one per window kind, and
+    each block picks its own (gpt-oss itself does not run on CPU: its experts compute in bfloat16)."""
+
+    def __init__(self, key: str, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.key, self.heads, self.qkv, self.out = key, heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attention_masks: dict[str, Any], positions: Any = None) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = flex_attention(q, k, v, block_mask=attention_masks[self.key])
+        return x + self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+def _window_masks(b: int, s: int, kept: torch.Tensor | None = None) -> dict[str, Any]:
+    """Causal and causal-window-4 masks, optionally restricted to the ``kept [B,S]`` keys (plus each query)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(bi: Any, h: Any, q: Any, kv: Any) -> Any:
+        ok = q >= kv
+        return ok if kept is None else ok & (kept[bi, kv] | (q == kv))
+
+    def window(bi: Any, h: Any, q: Any, kv: Any) -> Any:
+        return causal(bi, h, q, kv) & (q - kv < 4)
+
+    return {name: create_block_mask(mod, b, None, s, s, device="cpu")
+            for name, mod in (("basic_mask", causal), ("sliding_window_mask", window))}
+
+
+def test_a_dict_of_block_masks_is_rebuilt_mask_by_mask() -> None:
+    layers = nn.ModuleDict({str(i): WindowedFlexBlock(("sliding_window_mask", "basic_mask")[i % 2]) for i in range(4)})
+    torch.manual_seed(0)
+    model = convert_to_random_ltd(nn.Sequential(layers), reserved_length=6).train()
+    x, masks = torch.randn(2, 12, 16), _window_masks(2, 12)
+    for _, wrapper in random_ltd_layers(model):
+        assert isinstance(wrapper.random_ltd_layer, WindowedFlexBlock)
+        with torch.no_grad():
+            out = wrapper(x, masks)
+            idx = wrapper.last_indices
+            assert idx is not None
+            kept = torch.zeros(2, 12, dtype=torch.bool).scatter(1, idx, True)
+            ref = wrapper.random_ltd_layer(x, _window_masks(2, 12, kept))
+        torch.testing.assert_close(out[kept], ref[kept], atol=2e-5, rtol=1e-4)
+        assert torch.equal(out[~kept], x[~kept])
+
+
 def test_a_torchtitan_shaped_block_with_varlen_attention_is_refused_untouched() -> None:
     model = Toy(varlen=True)
     with pytest.raises(ConversionError, match=r"RopeBlock exactly: its varlen attention \(torchtitan "
