@@ -68,6 +68,8 @@ def available(case: Case) -> str | None:
         found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         found = False
+    if found and case.library == "torchtitan":
+        return _titan_missing()
     if found:
         return None
     if group(case) == "tv":
@@ -339,6 +341,18 @@ CASES += [
          lambda: _titan().TitanStep("varlen"), lambda: _titan().batches(), "flex", expect="refused",
          refusal="its varlen attention (torchtitan VarlenAttention)", notes="varlen attention runs on CUDA only"),
 ]
+
+
+def _titan_missing() -> str | None:
+    """Why the installed torchtitan cannot run the sweep's cases (they are written for 0.3), else ``None``."""
+    from importlib.metadata import version
+
+    found = version("torchtitan")
+    if not found.startswith("0.3."):
+        return f"torchtitan {found} is installed; the sweep's cases need 0.3 (tests/libs/no-deps-tv.txt)"
+    if importlib.util.find_spec("triton") is None:
+        return "torchtitan 0.3 imports triton, which is not installed (a CPU build of torch has none)"
+    return None
 
 
 def _titan() -> Any:
