@@ -493,9 +493,13 @@ def _plan_arguments(
     if hidden_name is None:
         hidden_name = next((n for n in HIDDEN_NAMES if n in named), positional[0] if positional else None)
         if hidden_name is None:
+            inner = layer.__dict__.get("_modules", {}).get("_checkpoint_wrapped_module")
+            way_out = (f"it is torch's activation-checkpoint wrapper around {type(inner).__name__}: convert the model "
+                       "before applying activation checkpointing (e.g. before torchtitan's parallelize_fn)"
+                       if inner is not None else "pass hidden_name= naming the argument that holds [B,S,H] states")
             raise ConversionError(
                 f"{type(layer).__name__}.forward has no recognisable hidden-state argument (signature: "
-                f"{_signature_text(params)}); pass hidden_name= naming the argument that holds [B,S,H] states."
+                f"{_signature_text(params)}); {way_out}."
             )
     elif hidden_name not in named and not accepts_kwargs:
         raise ConfigError(

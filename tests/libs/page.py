@@ -98,8 +98,11 @@ FOOTER = """
   refused at conversion: its `VarlenMetadata` holds cumulative document lengths over the whole
   sequence, which random-LTD does not rebuild; use `attn_backend="flex"`. Convert the model after
   torchtitan builds it and before its `parallelize_fn` (activation checkpointing, `torch.compile` and
-  FSDP wrap the blocks); a block already inside torch's `CheckpointWrapper` is refused (no hidden-state
-  argument in `forward(*args, **kwargs)`).
+  FSDP wrap the blocks): activation checkpointing then wraps the random-LTD layers (tested on a block of
+  torchtitan's form: the same gradients as without it), while a block already inside torch's
+  `CheckpointWrapper` is refused with that advice. Not checked here: torchtitan's per-block
+  `torch.compile` (on CPU it fails in inductor's flex-attention lowering, without random-LTD too),
+  tensor, context and pipeline parallelism.
 - **Swin-style windows and convolutional blocks** (timm's Swin and ConvNeXt): refused at conversion
   (`window_size` + `shift_size`, or a convolution with a kernel wider than 1 inside the layer), and
   `random-ltd inspect` reports the refusal.
