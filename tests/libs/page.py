@@ -85,7 +85,8 @@ FOOTER = """
   `block(h, attention_masks, positions)`. `positions [B,S]` (restarting at 0 for packed documents) are
   the rotary positions: they are gathered per sample, so the kept tokens keep their original positions;
   when they are `None` the RoPE would read `0..L-1` of what the block receives, so `0..S-1` are passed
-  first and gathered. The flex-attention `BlockMask` (causal and packed documents, from
+  first and gathered. As with `position_ids`, the tokens at position 0 (document starts) are always kept
+  (`keep_document_starts=True`). The flex-attention `BlockMask` (causal and packed documents, from
   `model.get_attention_masks(positions)`) is rebuilt for the kept tokens as above; a dict of them
   (gpt-oss: one per window kind) mask by mask (tested on a block of that form: gpt-oss itself does not
   run on CPU, its experts compute in bfloat16). MoE blocks route each token on its own (token-choice, no

@@ -188,6 +188,8 @@ def test_a_torchtitan_shaped_block_keeps_its_original_positions(table: bool, pos
             ref = wrapper.random_ltd_layer(*call, None, positions)
     torch.testing.assert_close(out[kept], ref[kept], atol=2e-5, rtol=1e-4)
     assert torch.equal(out[~kept], x[~kept])
+    starts = torch.arange(10)[None].expand(2, 10) == 0 if positions is None else positions == 0
+    assert kept[starts].all()  # keep_document_starts: the positions at 0 (document starts) are always kept
 
 
 def test_converted_blocks_under_torchtitans_activation_checkpointing_train_as_without_it() -> None:
