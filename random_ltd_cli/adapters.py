@@ -54,6 +54,8 @@ class LayerAdapter:
     has_context = False
     #: the layout of the family's hidden states when the caller does not say (``None``: the usual rules)
     batch_first: bool | None = None
+    #: the first ``k`` tokens are always kept (prefix tokens the layer treats apart, e.g. timm EVA's class token)
+    keep_prefix = 0
 
     def signature(self) -> inspect.Signature | None:
         """The signature that names the arguments of a ``forward(*args, **kwargs)`` (``None``: the forward's own)."""
@@ -308,14 +310,15 @@ _FINDERS = (_gpt_neo_local, _mpt, _beit, _t5, _deberta_v2, _deberta)
 
 def find_adapter(layer: nn.Module) -> LayerAdapter | None:
     """The adapter ``layer``'s family needs, or ``None`` (transformers families here, other libraries in
-    :mod:`random_ltd_cli.library_adapters`)."""
+    :mod:`random_ltd_cli.library_adapters` and :mod:`random_ltd_cli.vision_adapters`)."""
     from .library_adapters import find_library_adapter
+    from .vision_adapters import find_vision_adapter
 
     for finder in _FINDERS:
         adapter = finder(layer)
         if adapter is not None:
             return adapter
-    return find_library_adapter(layer)
+    return find_vision_adapter(layer) or find_library_adapter(layer)
 
 
 def refusal(layer: nn.Module) -> str | None:

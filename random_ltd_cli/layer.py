@@ -366,9 +366,15 @@ class RandomLayerTokenDrop(nn.Module):
                 "lower keep_prefix or raise the schedule's min_value."
             )
         priority = None
-        if self.keep_prefix:
+        prefix = max(self.keep_prefix, self._adapter.keep_prefix if self._adapter is not None else 0)
+        if prefix > keep:
+            raise InputError(
+                f"{type(self.random_ltd_layer).__name__} always keeps its {prefix} prefix token(s), which cannot fit "
+                f"in the reserved length r={keep}; raise the schedule's min_value."
+            )
+        if prefix:
             priority = torch.zeros(1, seq_len, dtype=torch.bool, device=device)
-            priority[:, : self.keep_prefix] = True
+            priority[:, :prefix] = True
         if self.keep_document_starts:
             for name in POSITION_ID_NAMES:
                 pos = call.get(name)

@@ -127,8 +127,8 @@ class _OlmoRope(LayerAdapter):
 
 
 def _olmo_attention(layer: nn.Module) -> Any:
-    attn = getattr(layer, "attention", None)
-    if attn is None or "pos_sin" not in _params(attn.forward) or not hasattr(attn, "rope"):
+    attn = getattr(layer, "attention", None)  # a module (OLMo-core), not a method (open_clip's blocks)
+    if not isinstance(attn, nn.Module) or "pos_sin" not in _params(attn.forward) or not hasattr(attn, "rope"):
         return None
     return attn
 

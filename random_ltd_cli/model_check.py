@@ -150,7 +150,11 @@ def check_target(
         from .deepspeed_config import read_deepspeed_config
 
         cfg = read_deepspeed_config(ds_config)
-    plan = plan_inputs(model, shape=shape, vocab_size=vocab_size, seq_len=seq_len, batch_size=batch_size)
+    try:
+        plan = plan_inputs(model, shape=shape, vocab_size=vocab_size, seq_len=seq_len, batch_size=batch_size)
+    except ConfigError:
+        _convert(model, cls, layers, cfg, seq_args, stack)  # a refusal says more than "which input?" (ConvNeXt)
+        raise
     report = CheckReport(target, type(model).__name__, "", _settings(plan, layers, layer_type, stack, seq_args), [],
                          notes=list(plan.notes))
     try:

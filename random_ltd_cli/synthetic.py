@@ -2,7 +2,8 @@
 
 What a model takes is read from the model itself: a Hugging Face model's ``main_input_name``
 and config (vocabulary, channels, image size, maximum length, sliding window); a plain module's
-``config`` attribute (nanoGPT's ``GPTConfig``) or its embeddings. A module that takes hidden
+``config`` attribute (nanoGPT's ``GPTConfig``) or its embeddings; a plain vision transformer's image
+size (timm's ``patch_embed.img_size``, open_clip's ``image_size``) and first convolution. A module that takes hidden
 states is fed ``torch.randn(shape)``. Token batches come twice where the model's forward takes an
 ``attention_mask``: without padding (no mask passed) and with the tail of the first sample padded.
 Nothing here imports torch at module level.
@@ -114,6 +115,19 @@ def _smallest_embedding(model: Any) -> int | None:
     return min(sizes) if sizes else None  # any id below the smallest table is valid for every table
 
 
+def _plain_vision_input(model: Any) -> tuple[int, int, int] | None:
+    """A plain vision transformer's image ``(channels, height, width)``: the size it was built for (timm:
+    ``patch_embed.img_size``; open_clip: ``image_size``) and the input channels of its first ``Conv2d``."""
+    from torch import nn
+
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(model, "image_size", None)
+    hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw):
+        return None
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else (int(conv.in_channels), int(hw[0]), int(hw[1]))
+
+
 def plan_inputs(
     model: Any, *, shape: tuple[int, ...] | None = None, vocab_size: int | None = None,
     seq_len: int | None = None, batch_size: int | None = None,
@@ -139,6 +153,9 @@ def plan_inputs(
     if vocab_size is None and main == "pixel_values" and isinstance(channels, int) and image_size:
         hw = tuple(image_size) if isinstance(image_size, list | tuple) else (image_size, image_size)
         return InputPlan("images", b, image=(channels, int(hw[0]), int(hw[-1])), input_name=name)
+    image = _plain_vision_input(model) if vocab_size is None and config is None else None
+    if image is not None:
+        return InputPlan("images", b, image=image, input_name=name)
     vocab = vocab_size or _int_attr(text, ("vocab_size",)) or _smallest_embedding(model)
     if vocab is None or (main is not None and main != "input_ids" and vocab_size is None):
         what = f"{type(model).__name__} (its main input is {main!r})" if main else type(model).__name__

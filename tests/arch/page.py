@@ -29,8 +29,8 @@ installed transformers; with the version named below the page must match charact
 with another (a fresh clone installs the newest) every family both versions know must keep its
 status (exact / refused / refused at the first step / not buildable), while model types new in the
 installed version, and the wording of errors, may differ.
-Models of other libraries (litgpt, OLMo-core, Megatron-core, torch's own
-layers) are on [Other model libraries](libraries.md).
+Models of other libraries (litgpt, OLMo-core, Megatron-core, timm, open_clip, torch's
+own layers) are on [Other model libraries](libraries.md).
 
 Each row is a tiny random-weight model built from its transformers {version} config (4 layers,
 hidden 32, no downloads), converted with `convert_to_random_ltd(model, reserved_length=6)` (the

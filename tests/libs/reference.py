@@ -8,6 +8,8 @@ are captured (``tests.arch.reference.capture``). The reference runs the *unwrapp
   given a mask that also blocks the non-kept keys (on top of the layer's own mask or causal flag),
   so whatever the layer derives from the length it sees (positions, windows) is derived for all
   ``S`` tokens, as in the unconverted model;
+* ``softmax``: the same for a softmax over ``[B, ..., S, S]`` scores (the eager ``softmax(q k^T)``
+  path of timm's attention), the blocked keys set to ``-inf`` before it;
 * ``megatron-mask``: Megatron-core's ``attention_mask [b,1,s,s]`` (True = masked) also masks them.
 
 The output at the kept positions must equal the wrapped layer's; the dropped positions must equal
@@ -60,6 +62,36 @@ def restricted_sdpa(kept: torch.Tensor, counter: list[int]) -> Iterator[None]:
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
+def restricted_softmax(kept: torch.Tensor, counter: list[int]) -> Iterator[None]:
+    """Within the context, a softmax over the last axis of ``[B, ..., S, S]`` scores (the eager
+    ``softmax(q k^T)`` pattern, timm's ``fused_attn=False``) also blocks the keys not in ``kept [B,S]``."""
+    originals = (torch.Tensor.softmax, F.softmax, torch.softmax)
+
+    def restrict(x: torch.Tensor, dim: Any) -> torch.Tensor:
+        b, s = kept.shape
+        if dim in (-1, x.dim() - 1) and x.dim() >= 3 and x.shape[-2:] == (s, s) and x.shape[0] == b:
+            ok = kept[:, None, :] | torch.eye(s, dtype=torch.bool)[None]  # [B, S, S]
+            counter[0] += 1
+            return x.masked_fill(~ok.view(b, *([1] * (x.dim() - 3)), s, s), float("-inf"))
+        return x
+
+    def tensor_softmax(x: torch.Tensor, dim: Any = None, *a: Any, **kw: Any) -> torch.Tensor:
+        return originals[0](restrict(x, dim), dim, *a, **kw)
+
+    def f_softmax(x: torch.Tensor, dim: Any = None, *a: Any, **kw: Any) -> torch.Tensor:
+        return originals[1](restrict(x, dim), dim, *a, **kw)
+
+    def torch_softmax(x: torch.Tensor, dim: Any = None, *a: Any, **kw: Any) -> torch.Tensor:
+        return originals[2](restrict(x, dim), dim, *a, **kw)
+
+    torch.Tensor.softmax, F.softmax, torch.softmax = tensor_softmax, f_softmax, torch_softmax  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.softmax, F.softmax, torch.softmax = originals  # type: ignore[method-assign,assignment]
 
 
 @dataclass
@@ -168,9 +200,10 @@ def reference(case: Case, layer: nn.Module, call: Call, kept: torch.Tensor) -> t
         out = _first(layer(*args, **kwargs))
     else:
         counter = [0]
-        with restricted_sdpa(kept, counter):
+        restricted = restricted_softmax if case.kernel == "softmax" else restricted_sdpa
+        with restricted(kept, counter):
             out = _first(layer(*args, **kwargs))
-        assert counter[0] > 0, f"{type(layer).__name__} did not call SDPA: the reference restricted nothing"
+        assert counter[0] > 0, f"{type(layer).__name__} did not call {case.kernel}: the reference restricted nothing"
     return out if case.batch_first else out.transpose(0, 1)
 
 

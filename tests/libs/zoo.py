@@ -2,13 +2,17 @@
 
 Each case builds a 4-layer model (hidden 32) and the batches the sweep feeds it; ``expect`` is the
 status the sweep asserts (``exact`` or ``refused``). A library that is not installed makes its cases
-skip with the reason in :data:`NOT_INSTALLABLE` (or "not installed"); under ``CI`` the libraries in
-:data:`CLAIMED` must be importable, and those in :data:`CLAIMED_TV` in the second environment's run.
+skip with the reason; under ``CI`` the libraries in :data:`CLAIMED` must be importable, and those in
+:data:`CLAIMED_TV` (timm, open_clip, torchtitan: the second environment, ``.venv-tv``) in that environment's
+run (``pytest -m tv tests/libs``; builders in ``zoo_vision.py`` and ``zoo_titan.py``).
+:data:`NOT_INSTALLABLE` lists the libraries that install in neither environment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import importlib.util
 import os
 from collections.abc import Callable, Iterator
@@ -18,24 +22,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import zoo_vision as zv
+
 S, B, R = 12, 2, 6  # sequence length, batch size, reserved length
 VOCAB = 97
 
 # Libraries the sweep claims to cover: installed by the README's test command, required in CI.
 CLAIMED = {"litgpt": "litgpt", "OLMo-core": "olmo_core", "Megatron-core": "megatron.core", "torch": "torch"}
-# Libraries of the second test environment (.venv-tv: torch 2.14.1, a CUDA build that runs on the CPU, with
-# triton), run with ``pytest -m tv tests/libs``: there they must be importable under CI, here they skip.
-CLAIMED_TV = {"torchtitan": "torchtitan"}
-TV_REASONS = {
-    "torchtitan": "torchtitan 0.3 imports triton when its llama3 model is imported (MoE kernels), which the CPU "
-                  "build of torch 2.13 lacks; its cases run in the second test environment (.venv-tv, `pytest -m tv`)",
-}
-# Libraries that do not install cleanly next to the CPU build of torch 2.13 (what blocks them).
-NOT_INSTALLABLE = {
-    "timm": "timm imports torchvision at import time (timm.data), and torchvision's only x86-64 wheel on PyPI is "
-            "a CUDA build: with the CPU torch it fails at import ('operator torchvision::nms does not exist')",
-    "open_clip": "open_clip imports torchvision (open_clip.transform) and timm; see timm",
-}
+# Libraries that import torchvision, whose PyPI wheel needs a CUDA build of torch: the README's test command
+# installs them in a second environment (.venv-tv, tests/libs/requirements-tv.txt) and runs their cases there
+# (``pytest -m tv``); in that run they must be importable under CI, in the main environment they skip.
+CLAIMED_TV = {"timm": "timm", "open_clip": "open_clip", "torchtitan": "torchtitan"}
+_TORCHVISION = ("it imports torchvision, whose PyPI wheel needs a CUDA build of torch (a CPU-only torch fails at "
+                "import: 'operator torchvision::nms does not exist')")
+# Why each library of the second environment is not in the main one (the skip reason there).
+TV_WHY = {"timm": _TORCHVISION, "open_clip": _TORCHVISION,
+          "torchtitan": "torchtitan 0.3 imports triton when its models are imported (MoE kernels), which the CPU "
+                        "build of torch lacks (the CUDA build of torch 2.14.1 brings it)"}
+TV_WHERE = ("its cases run in the second test environment (.venv-tv: torch 2.14.1, tests/libs/requirements-tv.txt, "
+            "`pytest -m tv tests/libs`)")
+# Libraries that do not install cleanly in either test environment (what blocks them).
+NOT_INSTALLABLE: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class Case:
     model: str  # what is built, for the docs
     build: Callable[[], nn.Module]
     batches: Callable[[], list[dict[str, Any]]]  # keyword batches for model(**batch); the first one is padded
-    kernel: str  # how the reference restricts the attention: "sdpa" (intercepts SDPA) or "megatron-mask"
+    kernel: str  # how the reference restricts the attention: "sdpa"/"softmax" (intercepts it), "megatron-mask"
     expect: str = "exact"
     refusal: str = ""  # for expect="refused": text the library's message must contain
     notes: str = ""
@@ -57,7 +64,7 @@ class Case:
 
 
 def group(case: Case) -> str:
-    """``"tv"`` for the cases of the second environment, else ``"main"``."""
+    """``"tv"`` for the cases of the second environment (timm, open_clip), else ``"main"``."""
     return "tv" if case.library in CLAIMED_TV else "main"
 
 
@@ -68,13 +75,21 @@ def available(case: Case) -> str | None:
         found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         found = False
-    if found and case.library == "torchtitan":
-        return _titan_missing()
-    if found:
-        return None
-    if group(case) == "tv":
-        return f"{case.library} is not installed: {TV_REASONS[case.library]}"
-    return f"{case.library} is not installed ({module})"
+    if group(case) == "tv":  # installed is not enough: without a matching torchvision the import fails
+        if found and _imports(module):
+            return _titan_missing() if case.library == "torchtitan" else None
+        why = TV_WHY.get(case.library, "it needs the second environment")
+        return f"{case.library} {'does not import' if found else 'is not installed'} here: {why}; {TV_WHERE}"
+    return None if found else f"{case.library} is not installed ({module})"
+
+
+@functools.cache
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
 
 
 def in_ci() -> bool:
@@ -252,7 +267,7 @@ def _torch_batches() -> list[dict[str, Any]]:
     return [{"ids": ids, "key_padding_mask": pad}, {"ids": ids}]
 
 
-# -- flex attention (torchtitan's attention_masks are BlockMasks; torchtitan itself does not install here) -------
+# -- flex attention (torchtitan's attention_masks are BlockMasks; torchtitan's own models: at the end) ---------
 
 
 class FlexBlock(nn.Module):
@@ -322,6 +337,71 @@ CASES: list[Case] = [
          _torch_batches, "sdpa", batch_first=False, notes="[S,B,H]; causal [L,L] attn mask with B == S"),
 ]
 
+# -- timm and open_clip (second environment; builders in zoo_vision.py) -------------------------------------
+
+
+def _timm(name: str, eager: bool = False, vit: bool = True, **extra: Any) -> Callable[[], nn.Module]:
+    return lambda: zv.timm_model(name, eager, vit, **extra)
+
+
+def _imgs(tokens: int) -> Callable[[], list[dict[str, Any]]]:
+    return lambda: zv.image_batches(tokens)
+
+
+_VIT, _DEIT, _EVA, _BEIT = ("vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "eva02_tiny_patch14_224",
+                            "beit_base_patch16_224")
+_GRID = "32x32 image, 8x8 patches: 16 patch tokens"
+CASES += [
+    Case("timm-vit", "timm", "timm ViT (vit_tiny config)", _timm(_VIT), _imgs(17), "sdpa",
+         notes=f"{_GRID} + class token; SDPA (fused_attn); padded: attn_mask [B,1,1,S]"),
+    Case("timm-vit-eager", "timm", "timm ViT (vit_tiny config, eager attention)", _timm(_VIT, True), _imgs(17),
+         "softmax", notes=f"{_GRID} + class token; softmax(q k^T) path (fused_attn=False)"),
+    Case("timm-deit-distilled", "timm", "timm DeiT (deit_tiny_distilled config)", _timm(_DEIT), _imgs(18), "sdpa",
+         notes=f"{_GRID} + class and distillation tokens (2 prefix tokens)"),
+    Case("timm-eva02", "timm", "timm EVA-02 (eva02_tiny config)", _timm(_EVA), _imgs(17), "sdpa",
+         notes=f"{_GRID} + class token; rope [S-1,d] gathered per sample to [B,1,r-1,d], class token kept"),
+    Case("timm-eva02-eager", "timm", "timm EVA-02 (eva02_tiny config, eager attention)", _timm(_EVA, True),
+         _imgs(17), "softmax", notes="as above, softmax(q k^T) path"),
+    Case("timm-eva02-no-cls", "timm", "timm EVA-02 without class token (eva02_tiny config)",
+         _timm(_EVA, class_token=False, global_pool="avg"), _imgs(16), "sdpa",
+         notes=f"{_GRID}, no prefix: rope [S,d] gathered per sample"),
+    Case("timm-eva02-patch-dropout", "timm", "timm EVA-02 with patch dropout 0.25 (eva02_tiny config)",
+         _timm(_EVA, patch_drop_rate=0.25), lambda: zv.image_batches(), "sdpa",
+         notes="12 of 16 patches + class token reach the blocks; rope arrives per sample [B,1,S-1,d] and is gathered "
+               "per sample"),
+    Case("timm-vit-rope-mixed", "timm", "timm RoPE-Mixed ViT (vit_small_patch16_rope_mixed config)",
+         _timm("vit_small_patch16_rope_mixed_224"), _imgs(17), "sdpa",
+         notes="EvaBlock with AttentionRope; per-layer table [heads,S-1,d] gathered per sample to [B,heads,r-1,d]"),
+    Case("timm-vit-rope-reg", "timm", "timm RoPE ViT with a register token (vit_base_patch16_rope_reg1_gap config)",
+         _timm("vit_base_patch16_rope_reg1_gap_256"), _imgs(17), "sdpa",
+         notes="1 register token (no class token) as the prefix, kept; average pooling"),
+    Case("timm-beit", "timm", "timm BEiT (beit_base config)", _timm(_BEIT), lambda: zv.image_batches(), "sdpa",
+         notes=f"{_GRID} + class token; relative position bias [1,H,S,S] (random table) gathered to [B,H,r,r]"),
+    Case("timm-beit-eager", "timm", "timm BEiT (beit_base config, eager attention)", _timm(_BEIT, True),
+         lambda: zv.image_batches(), "softmax", notes="as above, softmax(q k^T) path; BEiT takes no mask"),
+    Case("timm-swin", "timm", "timm Swin (swin_tiny config)",
+         _timm("swin_tiny_patch4_window7_224", vit=False, img_size=32, patch_size=4, window_size=4, depths=(2, 4),
+               num_heads=(2, 2), embed_dim=16), lambda: zv.image_batches(), "sdpa", expect="refused",
+         refusal="(shifted) windows of the image grid", notes="window 4, stages of 2 and 4 blocks"),
+    Case("timm-convnext", "timm", "timm ConvNeXt (convnext_atto config)",
+         _timm("convnext_atto", vit=False, depths=(2, 2, 4, 2), dims=(8, 16, 16, 16)), lambda: zv.image_batches(),
+         "sdpa", expect="refused", refusal="its token mixing is not attention", notes="[B,C,H,W] feature maps"),
+    Case("open-clip-vision", "open_clip", "open_clip VisionTransformer (image tower)", zv.clip_vision,
+         lambda: zv.image_batches(), "sdpa", notes=f"{_GRID} + class token; nn.MultiheadAttention"),
+    Case("open-clip-text", "open_clip", "open_clip TextTransformer (text tower)", zv.clip_text, zv.text_batches,
+         "sdpa", notes="causal [L,L] float attn_mask with B == L = 12"),
+    Case("open-clip-text-padded", "open_clip", "open_clip TextTransformer (text tower, use_pad_mask)",
+         lambda: zv.clip_text(pad_mask=True), zv.text_batches, "sdpa",
+         notes="causal + padding [B*heads,L,L] attn_mask, B == L = 12"),
+    Case("open-clip-text-custom", "open_clip", "open_clip TextTransformer (custom blocks: qk_norm)",
+         lambda: zv.clip_text(qk_norm=True), zv.text_batches, "sdpa",
+         notes="CustomResidualAttentionBlock with open_clip's Attention; causal [L,L] mask, B == L = 12"),
+    Case("open-clip-text-custom-padded", "open_clip", "open_clip TextTransformer (custom blocks, use_pad_mask)",
+         lambda: zv.clip_text(pad_mask=True, qk_norm=True), zv.text_batches, "sdpa",
+         notes="open_clip's Attention reshapes a 3-D [B*heads,L,L] mask to [B,heads,L,L]"),
+    Case("open-clip-clip", "open_clip", "open_clip CLIP (image and text towers)", zv.ClipLogits, zv.clip_batches,
+         "sdpa", notes="the default stack is the text tower; for the image tower, convert model.visual (notes)"),
+]
 # -- torchtitan (second environment; builders in zoo_titan.py) ------------------------------------------------
 
 _TITAN_CPU = ("flex attention has no CPU backward in torch 2.14 either, and it is torchtitan 0.3's only attention "
