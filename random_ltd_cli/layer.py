@@ -48,7 +48,7 @@ HIDDEN_NAMES = ("hidden_states", "hidden_state", "hidden", "x", "src", "tgt", "i
 MASK_NAMES = (
     "attention_mask", "attn_mask", "mask", "src_mask", "src_key_padding_mask", "key_padding_mask", "padding_mask"
 )
-POSITION_ID_NAMES = ("position_ids",)
+POSITION_ID_NAMES = ("position_ids", "positions")  # positions: torchtitan's blocks
 CACHE_NAMES = ("past_key_value", "past_key_values", "cache", "layer_past")
 # Keyword arguments that describe packed (varlen) flash-attention batches: their boundaries
 # are in token counts, which dropping would invalidate.
@@ -118,8 +118,8 @@ class RandomLayerTokenDrop(nn.Module):
             anything else an axis left alone; ``"mask"``; ``"none"`` for not per token). They
             override the built-in alignments (see :mod:`random_ltd_cli.alignment`).
         keep_prefix: always keep the first ``k`` tokens (e.g. ``[CLS]``).
-        keep_document_starts: when ``position_ids`` are passed, always keep tokens whose
-            position is 0 (the start of each packed document; for an unpacked sequence, its
+        keep_document_starts: when ``position_ids`` (torchtitan: ``positions``) are passed, always keep
+            tokens whose position is 0 (the start of each packed document; for an unpacked sequence, its
             first token), so document boundaries survive dropping.
         seed: ``None`` samples from the global RNG; an int uses a private generator (see
             :class:`~random_ltd_cli.sampling.TokenSampler`).
@@ -521,9 +521,13 @@ def _plan_arguments(
     if hidden_name is None:
         hidden_name = next((n for n in HIDDEN_NAMES if n in named), positional[0] if positional else None)
         if hidden_name is None:
+            inner = layer.__dict__.get("_modules", {}).get("_checkpoint_wrapped_module")
+            way_out = (f"it is torch's activation-checkpoint wrapper around {type(inner).__name__}: convert the model "
+                       "before applying activation checkpointing (e.g. before torchtitan's parallelize_fn)"
+                       if inner is not None else "pass hidden_name= naming the argument that holds [B,S,H] states")
             raise ConversionError(
                 f"{type(layer).__name__}.forward has no recognisable hidden-state argument (signature: "
-                f"{_signature_text(params)}); pass hidden_name= naming the argument that holds [B,S,H] states."
+                f"{_signature_text(params)}); {way_out}."
             )
     elif hidden_name not in named and not accepts_kwargs:
         raise ConfigError(

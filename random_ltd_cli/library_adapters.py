@@ -27,6 +27,9 @@ Swin / ConvNeXt blocks    refused: shifted windows need the whole grid; convolut
 blocks (torch, open_clip) (queries x keys, shared by the batch), not a ``[B,S]`` padding
                           mask: it is gathered per sample and laid out as
                           ``[B*heads, r, r]``, the 3-D form the module takes.
+torchtitan blocks         ``positions`` gathered (``0..S-1`` when ``None``), the flex
+                          ``BlockMask`` rebuilt; varlen attention refused
+                          (:mod:`.library_torchtitan`).
 ========================  ===============================================================
 """
 
@@ -43,6 +46,7 @@ from torch import nn
 from .adapters import LayerAdapter, _CustomAlignment
 from .alignment import Alignment, gather_axes, parse_alignment
 from .errors import InputError
+from .library_torchtitan import torchtitan_adapter, torchtitan_refusal
 
 __all__ = ["find_library_adapter", "library_refusal"]
 
@@ -231,11 +235,12 @@ def _multihead(layer: nn.Module) -> LayerAdapter | None:
     return _MultiheadBlock(int(mha[0].num_heads), names) if names else None
 
 
-_FINDERS = (_litgpt, _olmo_core, _megatron, _multihead)
+_FINDERS = (_litgpt, _olmo_core, _megatron, _multihead, torchtitan_adapter)
 
 
 def find_library_adapter(layer: nn.Module) -> LayerAdapter | None:
-    """The adapter a library layer needs (litgpt, OLMo-core, Megatron-core, nn.MultiheadAttention), or ``None``."""
+    """The adapter a library layer needs (litgpt, OLMo-core, Megatron-core, nn.MultiheadAttention, torchtitan), or
+    ``None``."""
     for finder in _FINDERS:
         adapter = finder(layer)
         if adapter is not None:
@@ -245,7 +250,7 @@ def find_library_adapter(layer: nn.Module) -> LayerAdapter | None:
 
 def library_refusal(layer: nn.Module) -> str | None:
     """Why a library layer cannot drop tokens exactly, or ``None``."""
-    return _grid_refusal(layer) or _olmo_refusal(layer) or _megatron_refusal(layer)
+    return _grid_refusal(layer) or _olmo_refusal(layer) or _megatron_refusal(layer) or torchtitan_refusal(layer)
 
 
 def _grid_refusal(layer: nn.Module) -> str | None:

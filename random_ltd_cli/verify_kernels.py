@@ -6,7 +6,7 @@
 * ``torch.nn.functional.multi_head_attention_forward`` (``"mha"``, what ``nn.MultiheadAttention``
   and ``nn.Transformer*Layer`` call),
 * ``torch.nn.attention.flex_attention.flex_attention`` (``"flex"``; its operator, which it calls
-  directly while the mode is active),
+  directly while the mode is active; ``torch.compile``'d functions run eagerly under the mode),
 * ``softmax`` over the last axis of a ``[..., L, L]`` tensor (``F.softmax``, ``torch.softmax``,
   ``Tensor.softmax``, ``nn.Softmax``: the eager pattern, ``"softmax"``)
 
@@ -114,10 +114,14 @@ class Kernels(TorchFunctionMode):
         self._flex_flag = getattr(flex, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", None)
         if flex is not None and self._flex_flag is not None:
             flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True  # type: ignore[attr-defined]
+        # a layer may call a torch.compile'd kernel (torchtitan compiles flex_attention): run it eagerly, so
+        # that this mode sees the operator and the restricted call does not need a kernel of its own
+        self._stance = torch.compiler.set_stance("force_eager")
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
+        self._stance.__exit__(None, None, None)  # the stance before __enter__
         flex = sys.modules.get("torch.nn.attention.flex_attention")
         if flex is not None and self._flex_flag is not None:
             flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = self._flex_flag  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
 """docs/libraries.md is exactly what the library sweep produces; the README and architectures.md point to it.
 
 Each environment checks its own table (the other is taken from the committed page): the main one in the
-project's venv, the ``tv`` one (timm, open_clip) in the second environment's run (``pytest -m tv``).
+project's venv, the ``tv`` one (timm, open_clip, torchtitan) in the second environment's run
+(``pytest -m tv``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def test_readme_counts_both_sweeps_and_links_the_pages() -> None:
 def test_readme_test_command_runs_the_second_environment_with_pinned_builds() -> None:
     readme = (PAGE.parents[1] / "README.md").read_text()
     assert ("python3 -m venv .venv-tv && .venv-tv/bin/pip install -q -e . -r tests/libs/requirements-tv.txt && "
+            ".venv-tv/bin/pip install -q --no-deps -r tests/libs/no-deps-tv.txt && "
             ".venv-tv/bin/python -m pytest -q -m tv tests/libs") in readme
-    pins = (PAGE.parent.parent / "tests" / "libs" / "requirements-tv.txt").read_text().split()
-    assert {"torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31", "open_clip_torch==3.3.0"} <= set(pins)
+    libs = PAGE.parent.parent / "tests" / "libs"
+    pins = (libs / "requirements-tv.txt").read_text().split()
+    assert {"torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31", "open_clip_torch==3.3.0", "tyro==1.0.17",
+            "spmd_types==0.2.3"} <= set(pins)
+    assert "torchtitan==0.3.0" in (libs / "no-deps-tv.txt").read_text().split()

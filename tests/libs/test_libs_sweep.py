@@ -2,7 +2,8 @@
 
 Cases whose library is not installed skip with the reason; under CI (env ``CI`` set) the libraries the
 sweep claims (``zoo.CLAIMED``, installed by the README's test command) must be importable, and so must
-``zoo.CLAIMED_TV`` (timm, open_clip) in the second environment's run (``pytest -m tv``, marked ``tv``).
+``zoo.CLAIMED_TV`` (timm, open_clip, torchtitan) in the second environment's run (``pytest -m tv``, marked
+``tv``).
 """
 
 from __future__ import annotations

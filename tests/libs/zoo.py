@@ -3,9 +3,9 @@
 Each case builds a 4-layer model (hidden 32) and the batches the sweep feeds it; ``expect`` is the
 status the sweep asserts (``exact`` or ``refused``). A library that is not installed makes its cases
 skip with the reason; under ``CI`` the libraries in :data:`CLAIMED` must be importable, and those in
-:data:`CLAIMED_TV` (timm, open_clip: the second environment, ``.venv-tv``) in that environment's run
-(``pytest -m tv tests/libs``; builders in ``zoo_vision.py``). :data:`NOT_INSTALLABLE` lists the libraries
-that install in neither environment.
+:data:`CLAIMED_TV` (timm, open_clip, torchtitan: the second environment, ``.venv-tv``) in that environment's
+run (``pytest -m tv tests/libs``; builders in ``zoo_vision.py`` and ``zoo_titan.py``).
+:data:`NOT_INSTALLABLE` lists the libraries that install in neither environment.
 """
 
 from __future__ import annotations
@@ -32,18 +32,17 @@ CLAIMED = {"litgpt": "litgpt", "OLMo-core": "olmo_core", "Megatron-core": "megat
 # Libraries that import torchvision, whose PyPI wheel needs a CUDA build of torch: the README's test command
 # installs them in a second environment (.venv-tv, tests/libs/requirements-tv.txt) and runs their cases there
 # (``pytest -m tv``); in that run they must be importable under CI, in the main environment they skip.
-CLAIMED_TV = {"timm": "timm", "open_clip": "open_clip"}
+CLAIMED_TV = {"timm": "timm", "open_clip": "open_clip", "torchtitan": "torchtitan"}
 _TORCHVISION = ("it imports torchvision, whose PyPI wheel needs a CUDA build of torch (a CPU-only torch fails at "
                 "import: 'operator torchvision::nms does not exist')")
 # Why each library of the second environment is not in the main one (the skip reason there).
-TV_WHY = {"timm": _TORCHVISION, "open_clip": _TORCHVISION}
+TV_WHY = {"timm": _TORCHVISION, "open_clip": _TORCHVISION,
+          "torchtitan": "torchtitan 0.3 imports triton when its models are imported (MoE kernels), which the CPU "
+                        "build of torch lacks (the CUDA build of torch 2.14.1 brings it)"}
 TV_WHERE = ("its cases run in the second test environment (.venv-tv: torch 2.14.1, tests/libs/requirements-tv.txt, "
             "`pytest -m tv tests/libs`)")
 # Libraries that do not install cleanly in either test environment (what blocks them).
-NOT_INSTALLABLE = {
-    "torchtitan": "torchtitan 0.3.0 (and 0.2.2) imports triton when its llama3 model is imported (MoE kernels), a "
-                  "285 MB GPU-compiler wheel, and pulls datasets, wandb and tensorboard",
-}
+NOT_INSTALLABLE: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def available(case: Case) -> str | None:
         found = False
     if group(case) == "tv":  # installed is not enough: without a matching torchvision the import fails
         if found and _imports(module):
-            return None
+            return _titan_missing() if case.library == "torchtitan" else None
         why = TV_WHY.get(case.library, "it needs the second environment")
         return f"{case.library} {'does not import' if found else 'is not installed'} here: {why}; {TV_WHERE}"
     return None if found else f"{case.library} is not installed ({module})"
@@ -268,7 +267,7 @@ def _torch_batches() -> list[dict[str, Any]]:
     return [{"ids": ids, "key_padding_mask": pad}, {"ids": ids}]
 
 
-# -- flex attention (torchtitan's attention_masks are BlockMasks; torchtitan itself does not install here) -------
+# -- flex attention (torchtitan's attention_masks are BlockMasks; torchtitan's own models: at the end) ---------
 
 
 class FlexBlock(nn.Module):
@@ -403,4 +402,46 @@ CASES += [
     Case("open-clip-clip", "open_clip", "open_clip CLIP (image and text towers)", zv.ClipLogits, zv.clip_batches,
          "sdpa", notes="the default stack is the text tower; for the image tower, convert model.visual (notes)"),
 ]
+# -- torchtitan (second environment; builders in zoo_titan.py) ------------------------------------------------
+
+_TITAN_CPU = ("flex attention has no CPU backward in torch 2.14 either, and it is torchtitan 0.3's only attention "
+              "for its language models on CPU (sdpa is retired there, varlen needs CUDA)")
+CASES += [
+    Case("torchtitan-llama3", "torchtitan", "torchtitan Llama3Model (debugmodel layout, flex attention)",
+         lambda: _titan().TitanStep(), lambda: _titan().batches(), "flex", backward=_TITAN_CPU,
+         notes="called as torchtitan's trainer calls it (masks from positions); batches: packed documents, one "
+               "document, positions=None in the blocks"),
+    Case("torchtitan-qwen3", "torchtitan", "torchtitan Qwen3Model (debugmodel layout, flex attention)",
+         lambda: _titan().TitanStep(flavor="qwen3"), lambda: _titan().batches(), "flex", backward=_TITAN_CPU,
+         notes="grouped-query attention, qk-norm, cos/sin RoPE, tied embeddings; batches as above"),
+    Case("torchtitan-qwen3-moe", "torchtitan", "torchtitan Qwen3Model (debugmodel_moe layout, flex attention)",
+         lambda: _titan().TitanStep(flavor="qwen3-moe"), lambda: _titan().batches(), "flex", backward=_TITAN_CPU,
+         notes="MoE blocks: each token routed to 2 of 4 experts (token-choice, no capacity limit)"),
+    Case("torchtitan-llama3-varlen", "torchtitan", "torchtitan Llama3Model (varlen attention)",
+         lambda: _titan().TitanStep("varlen"), lambda: _titan().batches(), "flex", expect="refused",
+         refusal="its varlen attention (torchtitan VarlenAttention)", notes="varlen attention runs on CUDA only"),
+]
+
+
+def _titan_missing() -> str | None:
+    """Why the installed torchtitan cannot run the sweep's cases (they are written for 0.3), else ``None``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("torchtitan")
+    except PackageNotFoundError:  # a source checkout on the path: its models decide
+        found = "0.3.?"
+    if not found.startswith("0.3."):
+        return f"torchtitan {found} is installed; the sweep's cases need 0.3 (tests/libs/no-deps-tv.txt)"
+    if importlib.util.find_spec("triton") is None:
+        return "torchtitan 0.3 imports triton, which is not installed (a CPU build of torch has none)"
+    return None
+
+
+def _titan() -> Any:
+    from . import zoo_titan
+
+    return zoo_titan
+
+
 BY_NAME = {c.name: c for c in CASES}
