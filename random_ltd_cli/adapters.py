@@ -42,7 +42,15 @@ from .alignment import Alignment, gather_axes, parse_alignment
 from .errors import InputError
 from .tokens import gather_mask
 
-__all__ = ["LayerAdapter", "find_adapter", "refusal"]
+__all__ = ["LayerAdapter", "find_adapter", "forward_params", "refusal"]
+
+
+def forward_params(fn: Any) -> dict[str, inspect.Parameter]:
+    """The parameters of ``fn`` by name (``{}`` when its signature cannot be read)."""
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return {}
 
 
 class LayerAdapter:

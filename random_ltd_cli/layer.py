@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import compiled
+from ._inner import InnerAttributes
 from .adapters import LayerAdapter, find_adapter
 from .alignment import Alignment, parse_seq_args, resolve_alignments, unknown_argument
 from .errors import ConfigError, ConversionError, InputError
@@ -94,7 +95,7 @@ class _Arguments:
             self.kwargs[name] = value
 
 
-class RandomLayerTokenDrop(nn.Module):
+class RandomLayerTokenDrop(InnerAttributes, nn.Module):
     """Wrap ``layer`` so that, in training, it processes only ``r`` random sorted tokens per sample.
 
     The wrapped layer is kept as the attribute ``random_ltd_layer`` (checkpoint keys read
@@ -279,17 +280,6 @@ class RandomLayerTokenDrop(nn.Module):
             "scheduler" if self.scheduler is not None else None)
         zero = ", dropped=zero" if self.dropped == "zero" else ""
         return f"reserved_length={r}, batch_first={self.batch_first}, layer_id={self.layer_id}{zero}"
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == SEGMENT or name.startswith("__"):
-                raise
-            inner = self._modules.get(SEGMENT)
-            if inner is None:
-                raise
-            return getattr(inner, name)
 
     # -- forward ---------------------------------------------------------------------------
 

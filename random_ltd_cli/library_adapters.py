@@ -44,18 +44,12 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter, _CustomAlignment
+from .adapters import forward_params as _params
 from .alignment import Alignment, gather_axes, parse_alignment
 from .errors import InputError
 from .library_torchtitan import torchtitan_adapter, torchtitan_refusal
 
 __all__ = ["find_library_adapter", "library_refusal"]
-
-
-def _params(fn: Any) -> dict[str, inspect.Parameter]:
-    try:
-        return dict(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return {}
 
 
 # -- litgpt -----------------------------------------------------------------------------------

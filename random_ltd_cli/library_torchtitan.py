@@ -20,10 +20,10 @@ torchtitan. A torchtitan block is called as ``block(x, attention_masks, position
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
 from .adapters import LayerAdapter, _CustomAlignment
+from .adapters import forward_params as _params
 from .alignment import Alignment
 from .tokens import gather_mask
 
@@ -35,13 +35,6 @@ __all__ = ["torchtitan_adapter", "torchtitan_refusal"]
 
 POSITIONS = Alignment("position_ids", "b s", (("b", "s"),))  # [1|B,S] -> [B,r], original values
 TABLE = Alignment("none", "none")
-
-
-def _params(fn: Any) -> dict[str, inspect.Parameter]:
-    try:
-        return dict(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return {}
 
 
 class _Torchtitan(LayerAdapter):

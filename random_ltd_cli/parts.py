@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._inner import InnerAttributes
 from .errors import ConversionError, InputError
-from .keys import SEGMENT
 from .verify import PART_METHOD, LayerVerdict, isolated, tolerance_for
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class PartsSlot:
             self.idx, self.shape = idx, (batch, seq_len)
 
 
-class LayerPart(nn.Module):
+class LayerPart(InnerAttributes, nn.Module):
     """One part of a layer kept in parallel lists (a norm or a per-token FFN), run on its layer's kept tokens.
 
     The original module is ``random_ltd_layer``; attribute reads fall through to it.
@@ -138,17 +138,6 @@ class LayerPart(nn.Module):
 
     def extra_repr(self) -> str:
         return f"part={self.list_name}, layer={self._slot.layer}, dropped_rows={self.role}"
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == SEGMENT or name.startswith("__"):
-                raise
-            inner = self._modules.get(SEGMENT)
-            if inner is None:
-                raise
-            return getattr(inner, name)
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         slot: PartsSlot = self._slot

@@ -27,7 +27,6 @@ open_clip custom blocks   open_clip's own ``Attention`` takes masks in
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,18 +34,12 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter, _CustomAlignment
+from .adapters import forward_params as _params
 from .alignment import Alignment, gather_axes
 from .errors import InputError
 from .tokens import gather_mask
 
 __all__ = ["find_vision_adapter"]
-
-
-def _params(fn: Any) -> dict[str, inspect.Parameter]:
-    try:
-        return dict(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return {}
 
 
 # -- timm EVA / EVA-02: rope for the tokens after the prefix ----------------------------------
