@@ -74,6 +74,7 @@ class LayerVerdict:
     seq_len: int | None = None  # S of the worst call
     dtype: str = ""  # the compute dtype the tolerance was chosen for
     own_failure: BaseException | None = field(default=None, repr=False, compare=False)  # the wrapped call's error
+    dropping_breaks: bool = False  # own_failure happens on the kept tokens only (the layer runs on all tokens)
 
     def to_dict(self) -> dict[str, Any]:
         """The verdict as plain JSON-ready values (for ``--json`` output)."""
@@ -104,6 +105,10 @@ class LayerVerdict:
                     "its output on all tokens with the attention keys restricted to the kept ones, and found no way "
                     "to restrict them here, so it cannot tell whether dropping tokens is exact. To proceed at your "
                     "own risk: convert with verify='off'; or wrap only attention layers.")
+        if self.status == "error" and self.dropping_breaks:
+            return (f"random-LTD cannot drop tokens in {self.label}{size}: {self.cause}. Train these layers without "
+                    "random-LTD (convert with layer_type= or filter_fn= choosing other layers), or keep their full "
+                    "length with reserved_length >= S.")
         if self.status == "error":
             return f"could not verify {self.label}{size}: {self.cause}"
         return f"{self.label}: {self.status}"
@@ -212,6 +217,8 @@ def on_dropping_call(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwarg
         wrapper._verified.add(key)
     if verdict.status == "exact":
         return
+    if verdict.dropping_breaks:
+        raise VerificationError(verdict.message()) from verdict.own_failure
     if verdict.own_failure is not None:
         return  # the wrapped call itself fails: training raises that error right after (not the verifier's)
     if verdict.status == "unverifiable" and verdict.cause.startswith("every kept token is a padding"):

@@ -20,6 +20,8 @@ from .verify_kernels import Kernels
 from .verify_masks import restrict_mask, rows_attending
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .layer import RandomLayerTokenDrop
 
 __all__ = ["compare_call", "error_of"]
@@ -43,21 +45,27 @@ def compare_call(wrapper: RandomLayerTokenDrop, args: tuple[Any, ...], kwargs: d
     keep = int(idx.shape[1])
     verdict.reserved_length, verdict.seq_len = keep, seq
     verdict.tolerance, verdict.dtype = tolerance_for(hidden.dtype, hidden.device)
-    watch = Kernels(keep, batch)
-    try:
-        with watch:
-            got = wrapper._dropped_output(args, kwargs, idx)
-    except Exception as exc:  # the training call fails the same way, with its own error: the verifier stays out
-        verdict.own_failure = exc
-        return _fail(verdict, f"the wrapped layer failed on the kept tokens: {type(exc).__name__}: {_line(exc)}")
-    kept = torch.zeros(batch, seq, dtype=torch.bool, device=idx.device).scatter(1, idx, True)
-    allowed = kept[:, None, :] | torch.eye(seq, dtype=torch.bool, device=idx.device)  # dropped rows keep themselves
     ref_call = _Arguments(wrapper._positional_names, args, kwargs)
     for name in CACHE_NAMES:
         if ref_call.get(name) is not None:
             ref_call.set(name, None)
     if ref_call.has("use_cache"):
         ref_call.set("use_cache", False)
+    watch = Kernels(keep, batch)
+    try:
+        with watch:
+            got = wrapper._dropped_output(args, kwargs, idx)
+    except Exception as exc:
+        verdict.own_failure = exc
+        if _runs_on_all_tokens(inner, ref_call.args, ref_call.kwargs):  # dropping breaks it: the verifier says so
+            verdict.dropping_breaks = True
+            return _fail(verdict, f"on the {keep} kept tokens it fails ({type(exc).__name__}: {_line(exc)}), on all "
+                                  f"{seq} tokens it runs: it builds something for the full token count (a relative-"
+                                  "position table or bias of the grid, a token-mixing MLP, a window layout)")
+        # the training call fails the same way, with its own error: the verifier stays out
+        return _fail(verdict, f"the wrapped layer failed on the kept tokens: {type(exc).__name__}: {_line(exc)}")
+    kept = torch.zeros(batch, seq, dtype=torch.bool, device=idx.device).scatter(1, idx, True)
+    allowed = kept[:, None, :] | torch.eye(seq, dtype=torch.bool, device=idx.device)  # dropped rows keep themselves
     try:
         ref, rows, method, why = _reference(wrapper, ref_call, watch, allowed, kept, batch, seq)
     except Exception as exc:
@@ -218,6 +226,17 @@ def _bsh(t: torch.Tensor, batch_first: bool) -> torch.Tensor:
 
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _runs_on_all_tokens(inner: nn.Module, args: list[Any], kwargs: dict[str, Any]) -> bool:
+    """Does the unwrapped layer run on the call's own (all-token) arguments (no cache)?"""
+    from .recorders import call_unrecorded
+
+    try:
+        call_unrecorded(inner, list(args), dict(kwargs))
+    except Exception:
+        return False
+    return True
 
 
 def _fail(verdict: LayerVerdict, reason: str) -> None:

@@ -404,3 +404,51 @@ def test_a_built_padding_mask_can_prove_a_layer_exact_but_never_accuses_it() -> 
     assert (v.status, v.max_error) == ("unverifiable", None) and "not proof of a mistake" in v.cause, v
     given = torch.ones(2, S, dtype=torch.long)  # with a real mask argument the same layer is judged wrong
     assert verify_random_ltd(doubt, torch.randn(2, S, H), given)[0].status == "wrong"
+
+
+# -- a layer that cannot run on fewer tokens: the first step names the layer and the cause -------------------
+
+
+class _BiasTableBlock(nn.Module):
+    """Attention with a learned ``[S,S]`` bias table (timm's relative-position ViTs, LeViT): it runs on ``S`` tokens
+    only, so on ``r`` kept tokens the bias does not broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(H, 3 * H)
+        self.bias = nn.Parameter(torch.randn(S, S) * 0.1)
+
+    def forward(self, x: torch.Tensor, position_ids: Any = None, attention_mask: Any = None) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return x + nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+
+
+def _bias_table_model() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyLM(_BiasTableBlock)
+
+
+def test_a_layer_that_fails_on_the_kept_tokens_only_is_named_at_the_first_step() -> None:
+    model = convert_to_random_ltd(_bias_table_model(), _BiasTableBlock, reserved_length=R)
+    with pytest.raises(VerificationError, match=r"cannot drop tokens in layers\.1 \(_BiasTableBlock\) \(r=6 of "
+                       r"S=12\): on the 6 kept tokens it fails \(RuntimeError: .*\), on all 12 tokens it runs.*"
+                       r"layer_type=") as err:
+        lm_loss(model, _ids())
+    assert isinstance(err.value.__cause__, RuntimeError)  # the torch error stays attached for debugging
+    plain = _bias_table_model()
+    plain.train()
+    lm_loss(plain, _ids())  # the unconverted model runs: it is the dropping that breaks the layer
+
+
+def test_a_layer_that_fails_on_all_tokens_too_raises_its_own_error() -> None:
+    model = convert_to_random_ltd(_bias_table_model(), _BiasTableBlock, reserved_length=R)
+    with pytest.raises(RuntimeError) as err:  # a batch of another length: the layer's own mistake, not random-LTD's
+        lm_loss(model, torch.randint(0, 50, (2, S + 2)))
+    assert not isinstance(err.value, VerificationError)
+
+
+def test_with_verification_off_the_layer_error_is_not_rewritten() -> None:
+    model = convert_to_random_ltd(_bias_table_model(), _BiasTableBlock, reserved_length=R, verify="off")
+    with pytest.raises(RuntimeError) as err:
+        lm_loss(model, _ids())
+    assert not isinstance(err.value, VerificationError)
