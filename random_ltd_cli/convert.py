@@ -172,9 +172,10 @@ def convert_to_random_ltd(
             ``layer_norm2``) gets its attention list wrapped with ``dropped="zero"`` and the other
             parts of each chosen layer proxied to run on its kept tokens (:mod:`random_ltd_cli.parts`).
         layers: which of the matched layers to wrap: ``"middle"`` (all but the first and the
-            last, of each stack), ``"attention"`` (the middle layers whose token mixing is
-            attention, in a hybrid stack; see :mod:`random_ltd_cli.mixers`), ``"all"``, indices
-            (list, range, ``"1-10"``, ``"1,3,5"``;
+            last, of each stack; layers matched by ``layer_type``/``filter_fn`` in several
+            containers of three or more, such as CLIP's two towers, count as one stack each),
+            ``"attention"`` (the middle layers whose token mixing is attention, in a hybrid
+            stack; see :mod:`random_ltd_cli.mixers`), ``"all"``, indices (list, range, ``"1-10"``, ``"1,3,5"``;
             with ``stack="both"`` they count the encoder's layers first, then the decoder's).
         filter_fn: ``(module, qualified_name) -> bool`` to restrict (or, without
             ``layer_type``, define) the matched layers.
@@ -384,7 +385,7 @@ def _candidate_groups(
             return [found[0]], found[1]
     matched = match_layers(root, layer_type, filter_fn)
     if stack is None:
-        return [matched], {}
+        return _by_container(matched), {}
     if stack not in STACKS:
         raise ConfigError(f"stack={stack!r} must be 'encoder', 'decoder' or 'both' (or None for the default).")
     wanted = ("encoder", "decoder") if stack == "both" else (stack,)
@@ -393,6 +394,17 @@ def _candidate_groups(
     if not groups:
         raise ConversionError(f"stack={stack!r}: none of the matched layers is under an {stack} path.")
     return groups, {}
+
+
+def _by_container(matched: list[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:
+    """Matched layers grouped by the container holding them (CLIP's two towers), so that ``"middle"`` leaves the
+    first and last layer of each stack whole; one group unless every container holds three or more."""
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in matched:
+        groups.setdefault(name.rpartition(".")[0], []).append((name, module))
+    if len(groups) > 1 and all(len(g) >= 3 for g in groups.values()):
+        return list(groups.values())
+    return [matched]
 
 
 def _select(groups: list[list[tuple[str, nn.Module]]], layers: LayerSpec) -> list[int]:

@@ -254,3 +254,30 @@ def test_deepspeed_config_layer_count_must_match() -> None:
 def test_deepspeed_mask_name_missing_from_forward() -> None:
     with pytest.raises(ConfigError, match="mask name 'input_mask' is not a parameter of Block.forward"):
         convert_to_random_ltd(tiny_gpt(), ds_config=_ds(model_mask_name="input_mask"))
+
+
+class _TwoTowers(nn.Module):
+    """Two stacks of one block class in two containers (CLIP's image and text towers)."""
+
+    def __init__(self, image: int = 4, text: int = 4) -> None:
+        super().__init__()
+        cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
+        self.visual = nn.Module()
+        self.visual.blocks = nn.ModuleList(Block(cfg) for _ in range(image))
+        self.text = nn.ModuleList(Block(cfg) for _ in range(text))
+
+
+def _wrapped_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, RandomLayerTokenDrop)]
+
+
+def test_layer_type_in_two_towers_takes_the_middle_of_each() -> None:
+    model = convert_to_random_ltd(_TwoTowers(), Block, reserved_length=4)
+    assert _wrapped_names(model) == ["visual.blocks.1", "visual.blocks.2", "text.1", "text.2"]
+    explicit = convert_to_random_ltd(_TwoTowers(), Block, reserved_length=4, layers=[0, 4])  # indices: concatenated
+    assert _wrapped_names(explicit) == ["visual.blocks.0", "text.0"]
+
+
+def test_layer_type_in_containers_of_two_stays_one_stack() -> None:
+    model = convert_to_random_ltd(_TwoTowers(image=2, text=2), Block, reserved_length=4)
+    assert _wrapped_names(model) == ["visual.blocks.1", "text.0"]  # the middle of all four, as before

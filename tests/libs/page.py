@@ -116,7 +116,10 @@ FOOTER = """
   the default stack search takes the text tower (as for multimodal language models, the stack outside
   a `visual`/`vision` path). To drop image tokens, convert the image tower:
   `convert_to_random_ltd(model.visual, ...)` (and the text tower too with
-  `convert_to_random_ltd(model.transformer, ...)`, a second scheduler for its length).
+  `convert_to_random_ltd(model.transformer, ...)`, a second scheduler for its length), or both towers
+  in one call with `layer_type=ResidualAttentionBlock`: layers matched in several containers of three or
+  more are grouped by container, so `"middle"` leaves the first and last block of each tower whole (one
+  reserved length then serves both towers; a tower whose length is at most `r` runs on all its tokens).
 - **Flex attention** (torchtitan passes its masks as a `BlockMask` in `attention_masks`): the mask is
   rebuilt for the kept tokens with a `mask_mod` that asks the original one about the original positions.
   Flex attention has no CPU backward in torch 2.13 (nor 2.14), so that row is checked without gradients.

@@ -202,3 +202,18 @@ def test_timm_activation_checkpointing_gives_the_same_gradients(name: str) -> No
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_clip_both_towers_in_one_call_take_the_middle_of_each() -> None:
+    _need("open-clip-clip")
+    from open_clip.transformer import ResidualAttentionBlock
+
+    model = zv.ClipLogits()
+    convert_to_random_ltd(model, ResidualAttentionBlock, reserved_length=R, verify="always")
+    assert [n for n, _ in random_ltd_layers(model)] == [
+        "clip.visual.transformer.resblocks.1", "clip.visual.transformer.resblocks.2",
+        "clip.transformer.resblocks.1", "clip.transformer.resblocks.2"]
+    torch.manual_seed(0)
+    logits = model.train()(**zv.clip_batches()[0])  # verify="always": every wrapped block of both towers checked
+    logits.sum().backward()
+    assert bool(torch.isfinite(logits).all())
