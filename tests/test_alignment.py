@@ -15,6 +15,7 @@ from random_ltd_cli import (
     ConversionError,
     InputError,
     RandomLayerTokenDrop,
+    VerificationError,
     convert_to_random_ltd,
     revert_random_ltd,
 )
@@ -94,9 +95,13 @@ def test_unknown_argument_passthrough_runs_all_tokens() -> None:
 
 
 def test_none_alignment_passes_unchanged() -> None:
-    w = _wrap(BiasLayer(), seq_args={"my_bias": "none"})
+    w = _wrap(BiasLayer(), seq_args={"my_bias": "none"}, verify="off")
     with pytest.raises(RuntimeError):  # the layer itself now sees r x r scores + an S x S bias
         w(torch.randn(B, S, H), my_bias=torch.randn(B, 1, S, S))
+    checked = _wrap(BiasLayer(), seq_args={"my_bias": "none"})  # verify="first": the verifier names the cause
+    with pytest.raises(VerificationError, match=r"cannot drop tokens in BiasLayer .*on all 6 tokens it runs") as err:
+        checked(torch.randn(B, S, H), my_bias=torch.randn(B, 1, S, S))
+    assert isinstance(err.value.__cause__, RuntimeError)
 
 
 @pytest.mark.parametrize(

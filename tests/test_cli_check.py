@@ -308,7 +308,7 @@ def test_layer_that_fails_on_kept_tokens_is_an_error_row(user_pkg: Path) -> None
     r = _run("chk_user_pkg.models:fixed_length")  # reshapes to 32 tokens: fails on r kept ones
     assert r.exit_code == 1
     row = _rows(r.stdout)["h.1"]
-    assert " error " in row and "failed on the kept tokens: RuntimeError" in row
+    assert " error " in row and "on the 8 kept tokens it fails (RuntimeError" in row and "on all" in row
     assert "1 error (h.1); each row says what failed" in _error_line(r)
 
 
