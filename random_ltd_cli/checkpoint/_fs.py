@@ -25,6 +25,7 @@ from ..errors import (
 __all__ = [
     "check_folder",
     "check_output",
+    "lstat_or_none",
     "open_file",
     "os_error",
     "path_exists",
@@ -157,6 +158,16 @@ def read_file(path: PathArg, limit: int, what: str) -> bytes:
         os.close(fd)
 
 
+def lstat_or_none(path: PathArg) -> os.stat_result | None:
+    """``os.lstat(path)``, ``None`` when nothing is there; other OS errors as the library's error."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise os_error(path, exc) from exc
+
+
 def check_output(target: Path, *, overwrite: bool) -> None:
     """Refuse to write a file over anything but a regular file, and over one unless ``overwrite``.
 
@@ -164,12 +175,9 @@ def check_output(target: Path, *, overwrite: bool) -> None:
         UnsupportedFileTypeError: ``target`` is a link (dangling or not), a FIFO, socket, device or folder.
         OutputExistsError: ``target`` is a regular file and ``overwrite`` is False.
     """
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
+    st = lstat_or_none(target)
+    if st is None:
         return
-    except OSError as exc:
-        raise os_error(target, exc) from exc
     if stat.S_ISLNK(st.st_mode):
         raise UnsupportedFileTypeError(
             f"the output {target} is a symbolic link (to {os.readlink(target)!r}); refusing to replace it. "

@@ -16,7 +16,7 @@ from ._common import FilePlan
 from ._deepspeed_dir import scan_deepspeed
 from ._detect import detect_format, plan_file, scan_file
 from ._dir import DirPlan, RunEntry, plan_dir, plan_run, scan_dir, write_dir, write_dir_in_place
-from ._fs import check_folder, check_output, os_error
+from ._fs import check_folder, check_output, lstat_or_none, os_error
 from ._io import Progress, ProgressFn
 from ._report import CheckpointInfo, StripReport
 from ._run import checkpoint_default_output, folder_kind, natural_key, run_entries, side_files
@@ -79,12 +79,9 @@ def _check_target(source: Path, target: Path, *, overwrite: bool) -> None:
     if not source.is_dir():
         check_output(target, overwrite=overwrite)
         return
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
+    st = lstat_or_none(target)
+    if st is None:
         return
-    except OSError as exc:
-        raise os_error(target, exc) from exc
     if not stat.S_ISDIR(st.st_mode):
         if stat.S_ISREG(st.st_mode):
             raise OutputExistsError(f"the output {target} is a file, and a folder is written here; choose another -o.")
